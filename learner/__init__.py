@@ -1,0 +1,1 @@
+"""The cloud learner: gRPC services, durable store, trainer, reference VLA, registry."""

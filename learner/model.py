@@ -1,0 +1,116 @@
+"""The reference VLA: camera image(s) + instruction + proprioceptive state (+ optional action
+prefix) -> a Gaussian over a chunk of H normalized actions, and a feature vector for the
+verifier. Small enough to train and serve on a CPU.
+
+Prefix conditioning (training-time real-time chunking): rows ``t < prefix_len`` of the output
+mean are the prefix itself (already committed actions), so a new chunk continues the executing
+one; the network sees the prefix and its length and learns to continue it smoothly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VLAConfig:
+    horizon: int = 8
+    action_dim: int = 4
+    state_dim: int = 4
+    cameras: tuple[str, ...] = ("front",)
+    image_hw: tuple[int, int] = (48, 48)
+    channels: int = 3
+    max_tokens: int = 32
+    vocab: int = 257
+    width: int = 128
+    features: int = 64
+    init_log_std: float = -1.0
+
+    def __post_init__(self):
+        if self.horizon < 2 or self.action_dim < 1 or not self.cameras:
+            raise ValueError(f"VLAConfig: need horizon >= 2, action_dim >= 1 and a camera: {self}")
+
+
+class SpatialSoftmax(nn.Module):
+    """Expected (x, y) image coordinates per channel: a cheap, localization-friendly pooling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        attn = torch.softmax(x.reshape(b, c, h * w), dim=-1).reshape(b, c, h, w)
+        ys = torch.linspace(-1.0, 1.0, h, dtype=x.dtype).reshape(1, 1, h, 1)
+        xs = torch.linspace(-1.0, 1.0, w, dtype=x.dtype).reshape(1, 1, 1, w)
+        return torch.cat([(attn * xs).sum((2, 3)), (attn * ys).sum((2, 3))], dim=1)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, channels: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1, padding=1),
+        )
+        self.pool = SpatialSoftmax()
+        self.proj = nn.Linear(64, out)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.pool(self.net(image))))
+
+
+class ReferenceVLA(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.encoders = nn.ModuleDict({name: ImageEncoder(c.channels, c.width) for name in c.cameras})
+        self.embed = nn.Embedding(c.vocab, 32, padding_idx=0)
+        self.text = nn.Linear(32, c.width)
+        self.state = nn.Linear(c.state_dim, c.width)
+        self.prefix = nn.Linear(c.horizon * (c.action_dim + 1), c.width)
+        self.trunk = nn.Sequential(
+            nn.Linear(c.width * (len(c.cameras) + 3), 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+        )
+        self.mean_head = nn.Linear(256, c.horizon * c.action_dim)
+        self.feature_head = nn.Linear(256, c.features)
+        self.log_std = nn.Parameter(torch.full((c.horizon, c.action_dim), c.init_log_std))
+        self.value_head = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1))
+
+    def _trunk(self, images: dict, state, tokens, prefix, prefix_len):
+        c = self.config
+        parts = [self.encoders[name](images[name]) for name in c.cameras]
+        mask = (tokens > 0).to(state.dtype).unsqueeze(-1)
+        text = (self.embed(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        parts.append(torch.relu(self.text(text)))
+        parts.append(torch.relu(self.state(state)))
+        steps = torch.arange(c.horizon, device=state.device).reshape(1, c.horizon)
+        committed = (steps < prefix_len.reshape(-1, 1)).to(state.dtype)  # [B, H]
+        pre = torch.cat([prefix * committed.unsqueeze(-1), committed.unsqueeze(-1)], dim=-1)
+        parts.append(torch.relu(self.prefix(pre.flatten(1))))
+        return self.trunk(torch.cat(parts, dim=-1)), committed
+
+    def forward(self, images: dict, state, tokens, prefix, prefix_len):
+        """Returns (mean [B,H,A], log_std [B,H,A], features [B,F]); inputs as in the ONNX contract."""
+        c = self.config
+        h, committed = self._trunk(images, state, tokens, prefix, prefix_len)
+        mean = torch.tanh(self.mean_head(h)).reshape(-1, c.horizon, c.action_dim)
+        mean = torch.where(committed.unsqueeze(-1) > 0, prefix, mean)
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).unsqueeze(0).expand_as(mean)
+        return mean, log_std, self.feature_head(h)
+
+    def value(self, images: dict, state, tokens, prefix, prefix_len) -> torch.Tensor:
+        """State value estimate [B] used for advantages (not exported to the robot)."""
+        h, _ = self._trunk(images, state, tokens, prefix, prefix_len)
+        return self.value_head(h).squeeze(-1)
+
+
+def gaussian_log_prob(mean, log_std, actions, row_mask):
+    """Sum over executed rows (row_mask [B,H] in {0,1}) of log N(actions | mean, exp(log_std))."""
+    z = (actions - mean) * torch.exp(-log_std)
+    per_row = (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return (per_row * row_mask).sum(-1)

@@ -1,0 +1,1 @@
+"""Robot descriptions and drivers. Imports the standard library and numpy only."""
