@@ -40,6 +40,8 @@ class RobotDescription:
     would move the end effector outside them is clamped, using ``ee_scale`` (metres moved per
     unit of the first three command components per tick).
     ``gripper_index``: which command component is the gripper; its limits are the action bounds.
+    ``command_mode``: ``delta`` (commands are displacements: holding position is a zero command,
+    the gripper keeps its last command) or ``position`` (holding repeats the last command).
     """
     name: str
     joints: tuple[str, ...]
@@ -54,8 +56,12 @@ class RobotDescription:
     workspace_high: tuple[float, float, float] | None = None
     ee_scale: float = 0.0
     gripper_index: int | None = None
+    command_mode: str = "delta"
 
     def __post_init__(self):
+        if self.command_mode not in ("delta", "position"):
+            raise ValueError(f"robot {self.name!r}: command_mode must be 'delta' or 'position', "
+                             f"got {self.command_mode!r}")
         n = len(self.joints)
         for key in ("action_low", "action_high", "max_delta", "max_delta2"):
             if len(getattr(self, key)) != n:
@@ -85,6 +91,18 @@ class RobotDescription:
     @property
     def period_s(self) -> float:
         return 1.0 / self.control_rate_hz
+
+    def hold_action(self, last: np.ndarray | None) -> np.ndarray:
+        """The command that holds the robot where it is, given the last command sent."""
+        if self.command_mode == "position":
+            if last is None:
+                raise ValueError(f"robot {self.name!r}: a position-mode robot needs its last "
+                                 f"command to hold")
+            return np.asarray(last, np.float32).copy()
+        hold = np.zeros(self.action_dim, np.float32)
+        if self.gripper_index is not None and last is not None:
+            hold[self.gripper_index] = last[self.gripper_index]
+        return hold
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         return (np.asarray(self.action_low, np.float32), np.asarray(self.action_high, np.float32))
