@@ -1,0 +1,66 @@
+"""Small typed records shared by the runtime's stages."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from robots.base import Observation
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifierVerdict:
+    """What the verifier decided for one inference call (K candidates -> one chunk)."""
+    candidates: int = 1
+    chosen: int = 0
+    rejected: int = 0
+    scores: tuple[float, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One accepted action chunk and where it came from.
+
+    ``actions``/``mean``/``log_std``: [H, A] in the policy's normalized action space.
+    ``start_tick``: the control tick at which ``actions[0]`` executes; with a prefix of length
+    ``prefix_len`` the first ``prefix_len`` rows are the committed actions it continues.
+    ``epoch``: the reset epoch it belongs to; chunks of an older epoch are dropped.
+    """
+    chunk_id: int
+    epoch: int
+    policy_version: int
+    weight_sha256: str
+    observation: Observation
+    start_tick: int
+    actions: np.ndarray
+    mean: np.ndarray
+    log_std: np.ndarray
+    prefix: np.ndarray
+    prefix_len: int
+    features: np.ndarray | None = None
+    latency_s: float = 0.0
+    verdict: VerifierVerdict = VerifierVerdict()
+
+    @property
+    def horizon(self) -> int:
+        return int(self.actions.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class TickRecord:
+    """One executed control tick, as the recorder sees it.
+
+    ``chunk`` is None on an underrun tick (the robot held position). ``action`` is the command
+    actually sent, mapped back into the normalized action space; ``clamped`` says whether the
+    envelope changed it.
+    """
+    tick: int
+    chunk: Chunk | None
+    offset: int
+    action: np.ndarray
+    clamped: bool
+    reward: float
+    terminated: bool
+    truncated: bool
+    success: bool
