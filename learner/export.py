@@ -82,9 +82,10 @@ def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         extra={"model_config": dataclasses.asdict(c)},
     )
-    write_atomic(out / MANIFEST, manifest.to_json().encode())
+    text = manifest.to_json()
+    write_atomic(out / MANIFEST, text.encode())
     fsync_dir(out)
-    return manifest
+    return Manifest.from_json(text)  # the canonical (JSON round-tripped) form robots will see
 
 
 def config_from_manifest(manifest: Manifest) -> VLAConfig:

@@ -1,0 +1,1 @@
+"""Generated wire code (from tether.proto; regenerate with `make proto`)."""

@@ -1,0 +1,67 @@
+"""The reference VLA and its ONNX export: the graph contract and numeric parity."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from learner.export import config_from_manifest, export_artifact
+from learner.model import ReferenceVLA, VLAConfig, gaussian_log_prob
+from runtime.artifact import verify_artifact
+from runtime.distributions import gaussian_log_prob as np_log_prob
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ReferenceVLA(VLAConfig()).eval()
+    out = tmp_path_factory.mktemp("artifact")
+    manifest = export_artifact(model, out, version=3, parent_version=2,
+                               normalization={"state_mean": np.zeros(4), "state_std": np.ones(4)},
+                               robot="sawyer_metaworld", control_rate_hz=25.0)
+    return model, out, manifest
+
+
+def _feeds(batch, d):
+    rng = np.random.default_rng(1)
+    return {"image_front": rng.random((batch, 3, 48, 48), dtype=np.float32),
+            "state": rng.normal(size=(batch, 4)).astype(np.float32),
+            "tokens": rng.integers(1, 257, size=(batch, 32)),
+            "prefix": rng.uniform(-1, 1, size=(batch, 8, 4)).astype(np.float32),
+            "prefix_len": np.full(batch, d, np.int64)}
+
+
+@pytest.mark.parametrize("batch,d", [(1, 0), (3, 3)])
+def test_onnx_matches_torch_and_keeps_prefix(exported, batch, d):
+    model, out, manifest = exported
+    assert verify_artifact(out) == manifest
+    sess = ort.InferenceSession(str(out / "policy.onnx"), providers=["CPUExecutionProvider"])
+    feeds = _feeds(batch, d)
+    mean, log_std, feats = sess.run(["mean", "log_std", "features"], feeds)
+    assert mean.shape == (batch, 8, 4) and log_std.shape == (batch, 8, 4) and feats.shape == (batch, 64)
+    with torch.no_grad():
+        tm, tl, tf = model({"front": torch.from_numpy(feeds["image_front"])},
+                           *(torch.from_numpy(feeds[k]) for k in ("state", "tokens", "prefix", "prefix_len")))
+    np.testing.assert_allclose(mean, tm.numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats, tf.numpy(), atol=1e-4)
+    # committed rows are the prefix itself: the new chunk continues the executing one
+    np.testing.assert_allclose(mean[:, :d], feeds["prefix"][:, :d], atol=1e-6)
+    assert (np.abs(mean[:, d:]) <= 1).all()
+
+
+def test_manifest_round_trips_model_config(exported):
+    model, _, manifest = exported
+    assert config_from_manifest(manifest) == model.config
+    assert manifest.accepts_prefix and manifest.horizon == 8 and manifest.version == 3
+
+
+def test_torch_and_numpy_log_probs_agree():
+    rng = np.random.default_rng(2)
+    mean = rng.normal(size=(8, 4)).astype(np.float32)
+    log_std = rng.uniform(-2, 0, size=(8, 4)).astype(np.float32)
+    acts = rng.normal(size=(8, 4)).astype(np.float32)
+    rows = np.array([3, 4, 5])
+    mask = torch.zeros(1, 8)
+    mask[0, rows] = 1
+    t = gaussian_log_prob(torch.from_numpy(mean)[None], torch.from_numpy(log_std)[None],
+                          torch.from_numpy(acts)[None], mask)
+    assert float(t) == pytest.approx(np_log_prob(mean, log_std, acts[rows], rows), rel=1e-5)
