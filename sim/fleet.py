@@ -1,0 +1,264 @@
+"""``tether fleet``: the main job. Starts a learner and N simulated robots as separate processes
+on loopback, shows live progress, and writes ``summary.json`` and ``learning_curve.png``.
+
+Every robot is a real ``tether robot`` process (ONNX Runtime inference, its own spool, a gRPC
+experience stream and weight subscription); the learner is a real ``tether learner`` process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+
+from sim import report
+from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
+
+LISTENING = re.compile(r"learner listening on (\S+:\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetConfig:
+    robots: int = 4
+    minutes: float = 3.0
+    out: str = "runs/fleet"
+    tasks: tuple[str, ...] = ()
+    seed: int = 0
+    camera: str = "fast"
+    cache_dir: str = ".tether-cache/pretrained"
+    publish_interval_s: float = 25.0
+    min_episodes: int = 2
+    drain_timeout_s: float = 90.0
+    progress_s: float = 5.0
+    curve_bin_s: float = 20.0
+
+    def __post_init__(self):
+        if self.robots < 1:
+            raise ValueError(f"--robots must be >= 1, got {self.robots}")
+        if self.minutes <= 0:
+            raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+
+
+def _child_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _tether(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tether.cli", *args]
+
+
+class Fleet:
+    """The processes of one fleet run and what is known about them."""
+
+    def __init__(self, config: FleetConfig, tasks: tuple[str, ...]):
+        self.config = config
+        self.tasks = tasks
+        self.out = pathlib.Path(config.out).resolve()
+        self.learner: subprocess.Popen | None = None
+        self.robots: dict[str, subprocess.Popen] = {}
+        self.addr = ""
+        self.publishes: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, int]] = []
+        self.t0 = 0.0
+
+    # -- processes -------------------------------------------------------------------------
+    def start_learner(self, artifact: pathlib.Path, checkpoint: pathlib.Path | None) -> None:
+        c = self.config
+        args = ["learner", "--addr", "127.0.0.1:0", "--data", str(self.out / "learner"),
+                "--init-artifact", str(artifact), "--publish-interval", str(c.publish_interval_s),
+                "--min-episodes", str(c.min_episodes), "--seed", str(c.seed)]
+        if checkpoint is not None:
+            args += ["--init-checkpoint", str(checkpoint)]
+        log = open(self.out / "learner.log", "w")
+        self.learner = subprocess.Popen(_tether(*args), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=_child_env())
+        found = threading.Event()
+
+        def pump():
+            for line in self.learner.stdout:
+                log.write(line)
+                log.flush()
+                m = LISTENING.search(line)
+                if m and not found.is_set():
+                    self.addr = m.group(1)
+                    found.set()
+            log.close()
+
+        threading.Thread(target=pump, daemon=True, name="learner-log").start()
+        deadline = time.monotonic() + 180
+        while not found.wait(0.2):
+            if self.learner.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the learner did not start (exit {self.learner.poll()}); "
+                                   f"see {self.out / 'learner.log'}")
+
+    def start_robots(self, artifact: pathlib.Path) -> None:
+        c = self.config
+        for i in range(c.robots):
+            rid = f"robot-{i}"
+            home = self.out / "robots" / rid
+            home.mkdir(parents=True, exist_ok=True)
+            args = ["robot", "--robot-id", rid, "--task", self.tasks[i % len(self.tasks)],
+                    "--artifact", str(artifact), "--learner", self.addr,
+                    "--spool", str(home / "spool"), "--status", str(home / "status.json"),
+                    "--seconds", str(c.minutes * 60), "--seed", str(c.seed * 1000 + i),
+                    "--camera", c.camera]
+            with open(home / "robot.log", "w") as log:
+                self.robots[rid] = subprocess.Popen(_tether(*args), stdout=log,
+                                                    stderr=subprocess.STDOUT, env=_child_env())
+
+    def stop(self) -> None:
+        for p in list(self.robots.values()) + ([self.learner] if self.learner else []):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in list(self.robots.values()) + ([self.learner] if self.learner else []):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    # -- observation -----------------------------------------------------------------------
+    def statuses(self) -> list[dict]:
+        out = []
+        for rid in self.robots:
+            path = self.out / "robots" / rid / "status.json"
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                out.append({"robot_id": rid})
+        return out
+
+    def learner_stats(self) -> dict:
+        if not self.addr:
+            return {}
+        try:
+            with grpc.insecure_channel(self.addr) as ch:
+                s = pb_grpc.LearnerStub(ch).GetStats(pb.StatsRequest(), timeout=5)
+        except grpc.RpcError:
+            return {}
+        return {"records_stored": s.records_stored, "duplicates_dropped": s.duplicates_dropped,
+                "latest_version": s.latest_version, "versions_published": s.versions_published,
+                "train_steps": s.train_steps}
+
+    def observe(self, now: float) -> tuple[list[dict], dict]:
+        statuses, stats = self.statuses(), self.learner_stats()
+        t = now - self.t0
+        self.samples.append((t, sum(int(s.get("episodes", 0)) for s in statuses),
+                             sum(int(s.get("successes", 0)) for s in statuses)))
+        v = int(stats.get("latest_version", 0))
+        if v and (not self.publishes or v > self.publishes[-1][1]):
+            self.publishes.append((round(t, 1), v))
+        return statuses, stats
+
+    def print_progress(self, statuses: list[dict], stats: dict, now: float) -> None:
+        print(f"[{now - self.t0:6.0f}s] learner: stored {stats.get('records_stored', '?')} "
+              f"transitions, latest version v{stats.get('latest_version', '?')} "
+              f"({stats.get('versions_published', '?')} published), "
+              f"train steps {stats.get('train_steps', '?')}", flush=True)
+        for s in statuses:
+            eps, succ = int(s.get("episodes", 0)), int(s.get("successes", 0))
+            rate = f"{100 * succ / eps:3.0f}%" if eps else "  - "
+            print(f"    {s.get('robot_id', '?'):9s} {str(s.get('task', '')):26s} "
+                  f"v{s.get('policy_version', '?'):<3} episodes {eps:4d}  success {rate}  "
+                  f"sent {s.get('records_spooled', 0):5d} acked {s.get('records_acked', 0):5d}",
+                  flush=True)
+
+    def monitor(self) -> list[dict]:
+        c = self.config
+        last_print = 0.0
+        deadline = self.t0 + c.minutes * 60 + c.drain_timeout_s + 60
+        while any(p.poll() is None for p in self.robots.values()):
+            now = time.monotonic()
+            if now > deadline:
+                print("fleet: robots did not finish in time; stopping them", flush=True)
+                break
+            statuses, stats = self.observe(now)
+            if now - last_print >= c.progress_s:
+                self.print_progress(statuses, stats, now)
+                last_print = now
+            time.sleep(1.0)
+        statuses, _ = self.observe(time.monotonic())
+        return statuses
+
+
+def run_fleet(config: FleetConfig) -> dict:
+    from learner.pretrain import ensure_pretrained
+    from sim.tasks import DEFAULT_TASKS
+
+    tasks = tuple(config.tasks) or tuple(DEFAULT_TASKS)
+    fleet = Fleet(config, tasks)
+    fleet.out.mkdir(parents=True, exist_ok=True)
+    print(f"fleet: {config.robots} robots on {', '.join(tasks)} for {config.minutes:g} min "
+          f"-> {fleet.out}", flush=True)
+    t = time.monotonic()
+    artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed))
+    checkpoint = artifact.parent / "model.pt"
+    print(f"fleet: pretrained policy ready in {time.monotonic() - t:.0f}s: {artifact}", flush=True)
+    try:
+        fleet.start_learner(artifact, checkpoint if checkpoint.exists() else None)
+        print(f"fleet: learner at {fleet.addr}", flush=True)
+        fleet.t0 = time.monotonic()
+        fleet.start_robots(artifact)
+        statuses = fleet.monitor()
+        duration = time.monotonic() - fleet.t0
+        stats = fleet.learner_stats()
+    finally:
+        fleet.stop()
+    summary = report.aggregate(statuses, stats, duration)
+    summary["robot_exit_codes"] = {rid: p.returncode for rid, p in fleet.robots.items()}
+    summary["tasks"] = list(tasks)
+    curve = report.learning_curve(fleet.samples, config.curve_bin_s)
+    report.write_outputs(fleet.out, summary, curve, fleet.publishes)
+    return summary
+
+
+def check(summary: dict) -> list[str]:
+    """What a healthy run guarantees; each failure is a line."""
+    problems = []
+    if not summary["transitions_sent"] == summary["transitions_acked"] == summary["transitions_stored"]:
+        problems.append(f"transitions sent {summary['transitions_sent']}, acked "
+                        f"{summary['transitions_acked']}, stored {summary['transitions_stored']} differ")
+    if summary["swap_stall_ticks"]:
+        problems.append(f"{summary['swap_stall_ticks']} ticks without an action during swaps")
+    bad = {r: c for r, c in summary["robot_exit_codes"].items() if c != 0}
+    if bad:
+        problems.append(f"robot processes failed: {bad}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tether fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--robots", type=int, default=FleetConfig.robots, help="simulated robots")
+    p.add_argument("--minutes", type=float, default=FleetConfig.minutes, help="control time")
+    p.add_argument("--out", default=FleetConfig.out, help="output directory")
+    p.add_argument("--tasks", default="", help="comma-separated Meta-World tasks "
+                   "(default: sim.tasks.DEFAULT_TASKS)")
+    p.add_argument("--seed", type=int, default=FleetConfig.seed)
+    p.add_argument("--camera", default=FleetConfig.camera, help="fast | mujoco")
+    p.add_argument("--cache-dir", default=FleetConfig.cache_dir,
+                   help="where the pretrained policy is cached")
+    p.add_argument("--publish-interval", type=float, default=FleetConfig.publish_interval_s,
+                   help="seconds between published versions (at least)")
+    a = p.parse_args(argv)
+    config = FleetConfig(robots=a.robots, minutes=a.minutes, out=a.out, seed=a.seed,
+                         tasks=tuple(t for t in a.tasks.split(",") if t), camera=a.camera,
+                         cache_dir=a.cache_dir, publish_interval_s=a.publish_interval)
+    summary = run_fleet(config)
+    print(json.dumps({k: summary[k] for k in (
+        "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",
+        "transitions_stored", "versions_published", "versions_deployed_min",
+        "success_rate_by_version", "control", "verifier")}, indent=2))
+    print(f"fleet: wrote {pathlib.Path(config.out) / 'summary.json'} and learning_curve.png")
+    problems = check(summary)
+    for line in problems:
+        print(f"fleet: PROBLEM: {line}", file=sys.stderr)
+    return 1 if problems else 0
