@@ -1,0 +1,213 @@
+"""The weight registry and publisher: monotonic versions on disk that survive restarts.
+
+Layout under ``root``::
+
+    versions/v000001/{policy.onnx, manifest.json}   the artifacts robots fetch
+    checkpoints/v000001.pt                           {"model": state_dict, "optimizer": ...};
+                                                     learner-only, never shipped
+    LATEST                                           the newest complete version, as text
+
+A version directory is built under a temporary name, fsynced and renamed, so it exists either
+complete or not at all; a leftover temporary or an incomplete version directory (a crash
+mid-write) is removed when the registry opens. The checkpoint is written before the rename:
+a visible version always has its checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pathlib
+import re
+import shutil
+import threading
+
+import torch
+
+from learner.export import export_artifact
+from runtime.artifact import (MANIFEST, ArtifactError, Manifest, file_entry, fsync_dir,
+                              load_manifest, sha256_file, verify_artifact, write_atomic)
+
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+
+
+def version_name(v: int) -> str:
+    return f"v{v:06d}"
+
+
+class Registry:
+    def __init__(self, root: str | pathlib.Path):
+        self.root = pathlib.Path(root)
+        self.versions_dir = self.root / "versions"
+        self.checkpoints_dir = self.root / "checkpoints"
+        for d in (self.root, self.versions_dir, self.checkpoints_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._publish_lock = threading.Lock()  # one publish at a time; readers never wait on it
+        self._closed = False
+        self.published = 0  # versions published by this process
+        self._latest = self._recover()
+
+    # -- opening ---------------------------------------------------------------------------
+    def _recover(self) -> int:
+        """Drop leftovers of a crash and return the newest complete version (0 if none)."""
+        latest = 0
+        for entry in sorted(self.versions_dir.iterdir()):
+            m = _VERSION_DIR.match(entry.name)
+            if m is None:
+                if entry.name.startswith(".tmp-"):
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            try:
+                manifest = verify_artifact(entry)
+                if manifest.version != int(m.group(1)):
+                    raise ArtifactError(f"manifest version {manifest.version} in {entry.name}")
+            except (ArtifactError, OSError, KeyError, TypeError, ValueError):
+                shutil.rmtree(entry, ignore_errors=True)  # incomplete: never announced, safe to drop
+                continue
+            latest = max(latest, manifest.version)
+        for tmp in self.checkpoints_dir.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.versions_dir)
+        if latest:
+            self._write_latest(latest)
+        return latest
+
+    def _write_latest(self, v: int) -> None:
+        write_atomic(self.root / "LATEST", f"{v}\n".encode())
+
+    # -- queries ---------------------------------------------------------------------------
+    def latest(self) -> int:
+        with self._cond:
+            return self._latest
+
+    def artifact_dir(self, v: int) -> pathlib.Path:
+        path = self.versions_dir / version_name(int(v))
+        if v <= 0 or v > self.latest() or not path.is_dir():
+            raise KeyError(f"version {v} is not in the registry (latest is {self.latest()})")
+        return path
+
+    def manifest(self, v: int | None = None) -> Manifest:
+        return load_manifest(self.artifact_dir(self.latest() if v is None else v))
+
+    def files(self, v: int) -> list[tuple[str, str, int]]:
+        """[(name, sha256, size)] of version v, manifest.json first."""
+        d = self.artifact_dir(v)
+        manifest = load_manifest(d)
+        out = [(MANIFEST, sha256_file(d / MANIFEST), (d / MANIFEST).stat().st_size)]
+        out += [(name, info["sha256"], int(info["size"])) for name, info in sorted(manifest.files.items())]
+        return out
+
+    def checkpoint_path(self, v: int) -> pathlib.Path:
+        return self.checkpoints_dir / f"{version_name(v)}.pt"
+
+    def load_checkpoint(self, v: int | None = None) -> dict | None:
+        """{"model": state_dict, "optimizer": state or None} of version v, or None if absent."""
+        path = self.checkpoint_path(self.latest() if v is None else v)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def wait_for_newer(self, v: int, timeout: float | None) -> int:
+        """Block until a version newer than v exists (or timeout / close); return the newest.
+
+        Latest-wins: a slow subscriber skips the versions published while it was busy.
+        """
+        with self._cond:
+            self._cond.wait_for(lambda: self._latest > v or self._closed, timeout)
+            return self._latest
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wake every waiter (subscriber streams end)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- writing ---------------------------------------------------------------------------
+    def _save_checkpoint(self, v: int, model_state: dict | None, optimizer_state: dict | None) -> None:
+        if model_state is None:
+            return
+        buf = io.BytesIO()
+        torch.save({"model": model_state, "optimizer": optimizer_state}, buf)
+        write_atomic(self.checkpoint_path(v), buf.getvalue())
+
+    def _commit(self, tmp: pathlib.Path, v: int) -> None:
+        fsync_dir(tmp)
+        os.rename(tmp, self.versions_dir / version_name(v))
+        fsync_dir(self.versions_dir)
+        self._write_latest(v)
+        with self._cond:
+            self._latest = v
+            self._cond.notify_all()
+
+    def _tmp_dir(self, v: int) -> pathlib.Path:
+        tmp = self.versions_dir / f".tmp-{version_name(v)}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def import_initial(self, artifact_dir: str | pathlib.Path,
+                       state_dict_path: str | pathlib.Path | None = None) -> Manifest:
+        """Register a pretrained artifact as version 1 if the registry is empty (else no-op).
+
+        The manifest is rewritten as version 1 / parent 0 with recomputed file entries; its
+        signature is cleared because the signed content (the version) changed.
+        """
+        with self._publish_lock:
+            if self.latest() > 0:
+                return self.manifest()
+            src = pathlib.Path(artifact_dir)
+            source = verify_artifact(src)
+            model_state = None
+            if state_dict_path is not None:
+                loaded = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+                # pretrain may save a bare state_dict or a checkpoint dict with a "model" entry
+                if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+                    loaded = loaded["model"]
+                if not isinstance(loaded, dict):
+                    raise ValueError(f"{state_dict_path}: not a torch state_dict "
+                                     f"(got {type(loaded).__name__}); pass pretrain's model.pt")
+                model_state = loaded
+            tmp = self._tmp_dir(1)
+            files = {}
+            for name in source.files:
+                shutil.copyfile(src / name, tmp / name)
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+                files[name] = file_entry(tmp / name)
+            manifest = dataclasses.replace(source, version=1, parent_version=0, files=files,
+                                           signature=None)
+            write_atomic(tmp / MANIFEST, manifest.to_json().encode())
+            self._save_checkpoint(1, model_state, None)
+            self._commit(tmp, 1)
+            return load_manifest(self.artifact_dir(1))
+
+    def publish(self, model: torch.nn.Module, normalization: dict | None = None, *,
+                robot: str | None = None, control_rate_hz: float | None = None,
+                optimizer_state: dict | None = None) -> Manifest:
+        """Export ``model`` as version latest + 1 (parent = latest) and announce it.
+
+        normalization / robot / control rate default to the latest version's.
+        """
+        with self._publish_lock:
+            parent = self.latest()
+            if parent == 0 and (normalization is None or robot is None or control_rate_hz is None):
+                raise ValueError("the registry is empty: pass normalization, robot and "
+                                 "control_rate_hz, or import_initial() a pretrained artifact first")
+            prev = self.manifest(parent) if parent else None
+            v = parent + 1
+            tmp = self._tmp_dir(v)
+            manifest = export_artifact(
+                model, tmp, version=v, parent_version=parent,
+                normalization=prev.normalization if normalization is None else normalization,
+                robot=prev.robot if robot is None else robot,
+                control_rate_hz=prev.control_rate_hz if control_rate_hz is None else control_rate_hz)
+            state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
+            self._save_checkpoint(v, state, optimizer_state)
+            self._commit(tmp, v)
+            self.published += 1
+            return manifest

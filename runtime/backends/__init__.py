@@ -1,0 +1,49 @@
+"""Policy backends: one small protocol, several engines, registered by name as
+``"module:Class"`` strings and imported only when chosen (so choosing ``ort`` never imports
+TensorRT, and the robot side never imports torch unless a torch backend is chosen)."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from typing import Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+BACKENDS = {
+    "ort": "runtime.backends.ort_backend:OrtBackend",
+}
+
+
+@runtime_checkable
+class PolicyBackend(Protocol):
+    """An inference engine for one policy artifact (see runtime/artifact.py for the graph).
+
+    ``load`` prepares the engine for ``artifact_dir/policy.onnx``; ``infer`` takes the feeds
+    named by the ONNX graph contract (numpy arrays, batch first) and returns ``mean``,
+    ``log_std`` (float32 [B,H,A], normalized action space) and ``features`` (float32 [B,F]);
+    ``info`` reports the backend name, device and the execution providers actually active.
+    """
+
+    def load(self, artifact_dir: str | os.PathLike, manifest) -> None: ...
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def info(self) -> dict: ...
+
+
+def load_backend(name: str, artifact_dir: str | os.PathLike, manifest, **options) -> PolicyBackend:
+    """Build the backend registered as ``name`` with ``options`` and load the artifact into it."""
+    if name not in BACKENDS:
+        near = difflib.get_close_matches(name, BACKENDS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown policy backend {name!r}{hint} (known: {sorted(BACKENDS)})")
+    module, _, cls = BACKENDS[name].partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"policy backend {name!r} needs {e.name!r}; install it "
+                          f"(for 'ort': pip install onnxruntime)") from e
+    backend = getattr(mod, cls)(**options)
+    backend.load(artifact_dir, manifest)
+    return backend

@@ -1,0 +1,160 @@
+"""The trainer on synthetic episodes sampled from the exported policy itself (robot-side numpy
+log-probs from ONNX Runtime outputs), so the first ratios must be 1."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from learner.batches import decode
+from learner.model import gaussian_log_prob
+from learner.registry import Registry
+from learner.store import ExperienceStore
+from learner.trainer import Trainer, TrainerConfig
+from runtime.artifact import load_manifest, verify_artifact
+from tests.learner.helpers import make_artifact, policy_episode
+from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return make_artifact(tmp_path_factory.mktemp("pre"))
+
+
+@pytest.fixture
+def setup(tmp_path, pretrained):
+    artifact, ckpt, _ = pretrained
+    registry = Registry(tmp_path / "reg")
+    manifest = registry.import_initial(artifact, ckpt)
+    session = ort.InferenceSession(str(registry.artifact_dir(1) / "policy.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    store = ExperienceStore(tmp_path / "exp.sqlite")
+    yield store, registry, manifest, session
+    store.close()
+
+
+def episodes(session, manifest):
+    good = policy_episode(session, manifest, "r1", "good", [1.0] * 6, seed=1, success=True)
+    bad = policy_episode(session, manifest, "r2", "bad", [-1.0] * 6, seed=2)
+    return good, bad
+
+
+def logp(trainer, records):
+    with torch.no_grad():
+        b = decode(records, trainer.spec)
+        mean, log_std, _ = trainer.model(*b.inputs())
+        return gaussian_log_prob(mean, log_std, b.actions, b.row_mask).double()
+
+
+def test_first_ratio_is_one_and_policy_gradient_favours_positive_advantages(setup):
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    config = TrainerConfig(bc_coef=0.0, value_coef=0.0, lr=1e-3, epochs=1, minibatch=64)
+    trainer = Trainer(store, registry, config)
+    before_good, before_bad = logp(trainer, good), logp(trainer, bad)
+    # torch log-probs of the executed rows match the robot's numpy ones on the ONNX outputs
+    np.testing.assert_allclose(before_good.numpy(), [r.behaviour_log_prob for r in good], atol=2e-4)
+    m = trainer.train_on(good + bad)
+    assert abs(m["ratio_start"] - 1) < 1e-3 and m["masked_frac"] == 0 and m["ess"] > 0.999
+    assert m["records"] == 12 and m["episodes"] == 2 and m["steps"] == 1 and m["staleness"] == 0
+    assert trainer.train_steps == 1
+    assert (logp(trainer, good) - before_good).mean() > 0  # positive advantage: more likely
+    assert (logp(trainer, bad) - before_bad).mean() < 0
+
+
+def test_behaviour_weights_above_the_threshold_are_masked(setup):
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    for r in bad:
+        r.behaviour_log_prob -= 5.0  # as if the robot's policy found these far less likely
+    trainer = Trainer(store, registry, TrainerConfig(max_is_ratio=2.0, epochs=1))
+    m = trainer.train_on(good + bad)
+    assert m["masked_frac"] == pytest.approx(0.5)
+    stale = policy_episode(session, manifest, "r3", "old", [0.0] * 3, seed=3, version=-20)
+    assert trainer.train_on(stale)["stale_dropped"] == 3
+
+
+def test_background_loop_trains_on_complete_episodes_and_publishes(setup):
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    trainer = Trainer(store, registry, TrainerConfig(min_new_episodes=2, publish_interval_s=0.0,
+                                                     poll_s=0.05, epochs=1, seed=3))
+    # one complete episode and most of a second one: no publish yet
+    store.append(pb.ExperienceBatch(robot_id="r1", records=good))
+    store.append(pb.ExperienceBatch(robot_id="r2", records=bad[:-1]))
+    trainer.start()
+    try:
+        deadline = time.monotonic() + 20
+        while trainer.train_steps == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trainer.train_steps > 0 and registry.latest() == 1
+        store.append(pb.ExperienceBatch(robot_id="r2", records=bad[-1:]))
+        assert registry.wait_for_newer(1, timeout=30) == 2
+    finally:
+        trainer.stop()
+    assert trainer.error is None and trainer.versions_published == 1
+    m2 = verify_artifact(registry.artifact_dir(2))
+    assert (m2.version, m2.parent_version) == (2, 1)
+    assert m2.normalization == manifest.normalization
+    assert registry.load_checkpoint(2)["optimizer"] is not None
+    # a restarted trainer resumes from the published weights
+    again = Trainer(store, registry, TrainerConfig())
+    assert again.version == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                 trainer.model.state_dict().values()))
+
+
+def test_trainer_is_deterministic_given_a_seed(setup):
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    runs = []
+    for _ in range(2):
+        t = Trainer(store, registry, TrainerConfig(seed=5, epochs=2, minibatch=5))
+        runs.append(t.train_on(good + bad))
+    assert runs[0] == runs[1]
+
+
+def test_server_process_serves_trains_and_exits_cleanly(tmp_path, pretrained):
+    artifact, _, _ = pretrained  # model.pt lies next to the artifact: found without a flag
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "learner", "--addr", "127.0.0.1:0", "--data", str(data),
+         "--init-artifact", str(artifact), "--publish-interval", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[2], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("learner listening on 127.0.0.1:"), line + proc.stderr.read()
+        addr = line.split()[-1]
+        deadline = time.monotonic() + 20
+        while not (data / "learner.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = json.loads((data / "learner.json").read_text())
+        assert status["addr"] == addr and status["latest_version"] == 1
+        # a robot's view: subscribe, push two complete episodes, see version 2 announced
+        manifest = load_manifest(artifact)
+        session = ort.InferenceSession(str(artifact / "policy.onnx"), providers=["CPUExecutionProvider"])
+        with grpc.insecure_channel(addr) as channel:
+            stub = pb_grpc.LearnerStub(channel)
+            stream = stub.Subscribe(pb.SubscribeRequest(robot_id="r1"), timeout=60)
+            assert next(stream).version == 1
+            for robot, ep in zip(("r1", "r2"), episodes(session, manifest)):
+                assert stub.PushExperience(pb.ExperienceBatch(robot_id=robot, records=ep)).stored == 6
+            assert next(stream).version == 2
+            stats = stub.GetStats(pb.StatsRequest())
+            assert stats.train_steps > 0 and stats.versions_published == 1
+            # SIGTERM with a subscriber still attached: the stream ends, the process exits 0
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,214 @@
+"""The weight subscriber against a learner double serving real exported artifacts on loopback."""
+import threading
+
+import pytest
+
+from runtime.artifact import MANIFEST, verify_artifact
+from runtime.weights import WeightSubscriber
+from tether.wire import tether_pb2 as pb
+
+from tests.runtime.learner_double import LearnerDouble, serve
+
+NORM = {"state_mean": [0.0] * 4, "state_std": [1.0] * 4,
+        "action_mean": [0.0] * 4, "action_std": [1.0] * 4}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from learner.export import export_artifact
+    from learner.model import ReferenceVLA, VLAConfig
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("published")
+    model = ReferenceVLA(VLAConfig())
+    out = {}
+    for v in range(1, 6):
+        export_artifact(model, root / f"v{v}", version=v, parent_version=v - 1,
+                        normalization=NORM, robot="sawyer_metaworld", control_rate_hz=10.0)
+        out[v] = root / f"v{v}"
+    return out
+
+
+@pytest.fixture
+def learner():
+    double = LearnerDouble(chunk_bytes=64 * 1024)
+    server, port = serve(double)
+    yield double, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+class Installed:
+    """The node's side: records every artifact handed over; can refuse one."""
+
+    def __init__(self, refuse=()):
+        self.calls = []
+        self.refuse = set(refuse)
+        self.lock = threading.Lock()
+
+    def __call__(self, path, manifest):
+        with self.lock:
+            self.calls.append((manifest.version, path))
+        if manifest.version in self.refuse:
+            raise RuntimeError("parity check failed: outputs differ by 0.3")
+
+    @property
+    def versions(self):
+        return [v for v, _ in self.calls]
+
+
+def _subscriber(addr, tmp_path, installed, current=0):
+    return WeightSubscriber(addr, "r1", tmp_path / "staging", installed, current_version=current,
+                            backoff_cap_s=0.1).start()
+
+
+def test_fetches_verifies_and_hands_over(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        assert sub.wait_for_version(1, 20.0)
+    finally:
+        sub.stop()
+    [(v, path)] = installed.calls
+    assert v == 1 and path == tmp_path / "staging" / "v1"
+    assert verify_artifact(path).version == 1
+    assert (path / "policy.onnx").read_bytes() == (artifacts[1] / "policy.onnx").read_bytes()
+    assert sub.fetched == 1 and sub.refused == 0 and "installed version 1" in sub.last_event
+    assert [(n, o) for _, n, o in double.fetches] == [(MANIFEST, 0), ("policy.onnx", 0)]
+
+
+def test_resumes_a_file_after_the_stream_breaks(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.break_at[(1, "policy.onnx")] = 300_000
+    double.publish(1, artifacts[1])
+    sub = _subscriber(addr, tmp_path, Installed())
+    try:
+        assert sub.wait_for_version(1, 20.0)
+    finally:
+        sub.stop()
+    assert [(n, o) for _, n, o in double.fetches if n == "policy.onnx"] == \
+        [("policy.onnx", 0), ("policy.onnx", 300_000)]
+    assert sub.resumed_bytes == 300_000
+    assert verify_artifact(tmp_path / "staging" / "v1").version == 1
+
+
+def test_tampered_bytes_are_refused_and_the_current_version_kept(tmp_path, learner, artifacts):
+    double, addr = learner
+    good = bytearray((artifacts[2] / "policy.onnx").read_bytes())
+    good[1000] ^= 0xFF
+    double.tamper[(2, "policy.onnx")] = bytes(good)
+    double.publish(2, artifacts[2])
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed, current=1)
+    try:
+        for _ in range(200):
+            if sub.refused:
+                break
+            sub.wait_for_version(99, 0.05)
+        assert sub.refused == 1 and sub.current_version == 1 and installed.calls == []
+        assert "tampered" in sub.last_event and "keeping version 1" in sub.last_event
+        assert not list((tmp_path / "staging").iterdir())  # nothing of v2 left behind
+        double.publish(3, artifacts[3])                      # a newer good version still installs
+        assert sub.wait_for_version(3, 20.0)
+    finally:
+        sub.stop()
+    assert installed.versions == [3]
+
+
+def test_on_artifact_refusal_keeps_current_version(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    installed = Installed(refuse={2})
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        assert sub.wait_for_version(1, 20.0)
+        double.publish(2, artifacts[2])
+        for _ in range(200):
+            if sub.refused:
+                break
+            sub.wait_for_version(99, 0.05)
+        assert sub.current_version == 1 and "parity check failed" in sub.last_event
+        assert not (tmp_path / "staging" / "v2").exists()
+        double.break_subscriptions()  # the re-announced refused version is not fetched again
+        double.publish(3, artifacts[3])
+        assert sub.wait_for_version(3, 20.0)
+    finally:
+        sub.stop()
+    assert installed.versions == [1, 2, 3] and sub.refused == 1 and sub.reconnects >= 1
+
+
+def test_latest_wins_during_a_slow_fetch(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.chunk_bytes, double.chunk_delay_s = 16 * 1024, 0.02  # ~1.4 s per policy.onnx
+    double.publish(1, artifacts[1])
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        for _ in range(200):
+            if any(n == "policy.onnx" for _, n, _ in double.fetches):
+                break
+            sub.wait_for_version(99, 0.02)
+        double.publish(2, artifacts[2])
+        assert sub.wait_for_version(2, 20.0)
+    finally:
+        sub.stop()
+    assert installed.versions == [2]
+    assert "v1.partial" not in {p.name for p in (tmp_path / "staging").iterdir()}
+
+
+def test_keeps_only_the_last_three_staged_versions(tmp_path, learner, artifacts):
+    double, addr = learner
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        for v in range(1, 6):
+            double.publish(v, artifacts[v])
+            assert sub.wait_for_version(v, 20.0)
+    finally:
+        sub.stop()
+    assert installed.versions == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["v3", "v4", "v5"]
+
+
+@pytest.mark.parametrize("name", ["../evil.onnx", "sub/policy.onnx", ".."])
+def test_refuses_announced_names_that_are_not_plain(tmp_path, learner, artifacts, name):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    real = double.announcement
+    def evil(version):
+        ann = real(version)
+        ann.files.append(pb.FileInfo(name=name, sha256="0" * 64, size=4))
+        return ann
+    double.announcement = evil
+    sub = _subscriber(addr, tmp_path, Installed())
+    try:
+        for _ in range(200):
+            if sub.refused:
+                break
+            sub.wait_for_version(99, 0.02)
+    finally:
+        sub.stop()
+    assert sub.refused == 1 and "not a plain file name" in sub.last_event
+    assert double.fetches == [] and not (tmp_path / "evil.onnx").exists()
+
+
+def test_refuses_when_announcement_and_manifest_disagree(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    real = double.announcement
+    def lying(version):
+        ann = real(version)
+        ann.files[1].sha256 = "f" * 64  # policy.onnx: not what the manifest lists
+        return ann
+    double.announcement = lying
+    sub = _subscriber(addr, tmp_path, Installed())
+    try:
+        for _ in range(200):
+            if sub.refused:
+                break
+            sub.wait_for_version(99, 0.02)
+    finally:
+        sub.stop()
+    assert sub.refused == 1 and "do not match the manifest" in sub.last_event
+    assert [n for _, n, _ in double.fetches] == [MANIFEST]  # refused before the big download
