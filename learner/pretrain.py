@@ -44,8 +44,8 @@ DONE = "DONE"
 class PretrainConfig:
     tasks: tuple[str, ...]
     seed: int = 0
-    episodes_per_task: int = 40
-    steps: int = 1500
+    episodes_per_task: int = 30
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-5

@@ -87,9 +87,10 @@ TASKS: dict[str, TaskSpec] = {
     name: TaskSpec(name, text, _expert_name(name)) for name, text in _INSTRUCTIONS.items()
 }
 
-# Chosen by measurement (see learner/pretrain.py's docstring): tasks where the small pretrained
+# Chosen by measurement (default pretrain budget, 20 eval episodes each: reach 35%, push 10%,
+# door-open 60%; drawer-close and button-press-topdown reach 90-100%): tasks where the pretrained
 # policy succeeds sometimes but not always, so that online learning has room to show.
-DEFAULT_TASKS: tuple[str, ...] = ("reach-v3", "button-press-topdown-v3", "drawer-close-v3")
+DEFAULT_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "door-open-v3")
 
 
 def get_task(name: str) -> TaskSpec:

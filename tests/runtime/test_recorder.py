@@ -128,19 +128,25 @@ def test_new_epoch_with_same_chunk_id_starts_a_new_record(tmp_path):
     assert len(_all_records(spool)) == 2
 
 
-def test_on_tick_is_fast_with_background_writer(tmp_path):
-    """The control thread must not wait on fsync: per-tick cost stays well below a tick."""
+class SlowSpool(Spool):
+    """A spool on a disk whose fsync takes 100 ms (a busy SD card)."""
+
+    def append(self, records):
+        time.sleep(0.1)
+        return super().append(records)
+
+
+def test_on_tick_never_waits_for_the_disk(tmp_path):
     rng = np.random.default_rng(4)
-    spool = Spool(tmp_path, "r1")
+    spool = SlowSpool(tmp_path, "r1")
     rec = Recorder(spool, "r1", "t", batch_records=1)
     rec.start_episode()
-    chunks = [_chunk(i, i, rng) for i in range(40)]
-    ticks = [_tick(i, c, 0, rng) for i, c in enumerate(chunks)]
+    ticks = [_tick(i, _chunk(i, i, rng), 0, rng) for i in range(20)]
     worst = 0.0
     for t in ticks:
         t0 = time.perf_counter()
-        rec.on_tick(t)
+        rec.on_tick(t)  # every tick closes a span and hands a batch to the writer
         worst = max(worst, time.perf_counter() - t0)
     rec.close()
-    assert spool.pending() == 40
-    assert worst < 0.02, f"on_tick took {worst * 1e3:.1f} ms"
+    assert spool.pending() == 20 and rec.records_dropped == 0
+    assert worst < 0.05, f"on_tick took {worst * 1e3:.1f} ms; the writer thread should absorb it"

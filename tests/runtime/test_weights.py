@@ -212,3 +212,45 @@ def test_refuses_when_announcement_and_manifest_disagree(tmp_path, learner, arti
         sub.stop()
     assert sub.refused == 1 and "do not match the manifest" in sub.last_event
     assert [n for _, n, _ in double.fetches] == [MANIFEST]  # refused before the big download
+
+
+def test_both_planes_against_the_real_learner(tmp_path):
+    """Recorder -> spool -> stream into the real store; registry publish -> subscriber."""
+    pytest.importorskip("torch")
+    import numpy as np
+    from learner.model import ReferenceVLA, VLAConfig
+    from learner.registry import Registry
+    from learner.service import serve as serve_learner
+    from learner.store import ExperienceStore
+    from runtime.recorder import Recorder
+    from runtime.spool import Spool
+    from runtime.stream import ExperienceClient
+    from tests.runtime.test_recorder import _chunk, _tick
+
+    store, registry = ExperienceStore(tmp_path / "store.db"), Registry(tmp_path / "registry")
+    server, port = serve_learner("127.0.0.1:0", store, registry, max_workers=8)
+    addr = f"127.0.0.1:{port}"
+    spool = Spool(tmp_path / "spool", "r1")
+    rec = Recorder(spool, "r1", "reach-v3", batch_records=2)
+    client = ExperienceClient(addr, spool, "r1").start()
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        rng = np.random.default_rng(0)
+        rec.start_episode()
+        for i in range(5):
+            rec.on_tick(_tick(i, _chunk(i // 2, i, rng), i % 2, rng, success=i == 4))
+        rec.close()
+        assert client.drain(20.0) and client.errors == 0
+        assert store.count() == 3 and client.records_stored == 3
+        assert [r.seq for _, r in store.read()] == sorted(r.seq for _, r in store.read())
+        registry.publish(ReferenceVLA(VLAConfig()), NORM, robot="sawyer_metaworld",
+                         control_rate_hz=10.0)
+        assert sub.wait_for_version(1, 20.0)
+    finally:
+        sub.stop()
+        client.stop()
+        registry.close()
+        server.stop(0)
+        store.close()
+    assert installed.versions == [1] and sub.refused == 0

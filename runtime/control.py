@@ -1,0 +1,183 @@
+"""The control loop: a small plain class that runs one robot at a fixed rate.
+
+Per tick: observe, let the inference worker request a chunk if the queue runs low, pop this
+tick's action (an underrun sends the hold action, counted as a stall tick), pass it through the
+envelope (only envelope output ever reaches the robot), send it, and hand a ``TickRecord`` to
+``on_tick``. Deadlines are absolute (``t0 + k * period``), so lateness never accumulates as drift.
+A robot-side exception holds and is counted; more than ``error_budget`` consecutive errors stop
+the loop cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import numpy as np
+
+from robots.base import Observation, Robot
+from runtime.chunks import ActionQueue
+from runtime.clock import Clock
+from runtime.status import LatencyWindow
+from runtime.types import TickRecord
+from verifier.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float32)
+
+
+class ControlLoop:
+    def __init__(self, robot: Robot, queue: ActionQueue, envelope: Envelope, clock: Clock,
+                 rate_hz: float, on_tick: Callable[[TickRecord], None] | None = None, *,
+                 worker=None, to_command: Callable = _identity, from_command: Callable = _identity,
+                 on_episode_start: Callable[[int], None] | None = None,
+                 on_episode_end: Callable[[int, bool], None] | None = None,
+                 error_budget: int = 10, max_catchup_ticks: int = 2):
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
+        if error_budget < 0:
+            raise ValueError(f"error_budget must be >= 0, got {error_budget}")
+        self.robot, self.queue, self.envelope, self.clock = robot, queue, envelope, clock
+        self.period = 1.0 / float(rate_hz)
+        self.on_tick = on_tick
+        self.worker = worker
+        self.to_command, self.from_command = to_command, from_command
+        self.on_episode_start, self.on_episode_end = on_episode_start, on_episode_end
+        self.error_budget = int(error_budget)
+        self.max_catchup_ticks = int(max_catchup_ticks)
+        self.description = robot.describe()
+        self.jitter = LatencyWindow(4096)
+        self.ticks = 0
+        self.deadline_misses = 0
+        self.stall_ticks = 0
+        self.robot_errors = 0
+        self.episodes = 0
+        self.epoch = 0
+        self.stopped_by_errors = False
+        self._consecutive_errors = 0
+        self._tick = 0
+        self._obs: Observation | None = None
+        self._needs_reset = True
+        self._last_cmd: np.ndarray | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- episodes ----------------------------------------------------------------------------
+    def _start_episode(self) -> None:
+        self._obs = self.robot.reset()
+        self._needs_reset = False
+        self.epoch += 1
+        self.queue.reset(self.epoch)
+        if self.worker is not None:
+            self.worker.reset(self.epoch)
+        self.envelope.reset()
+        self._last_cmd = None
+        if self.on_episode_start is not None:
+            self.on_episode_start(self.epoch)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, seconds: float | None = None, max_ticks: int | None = None) -> None:
+        """Run until ``seconds`` of clock time, ``max_ticks`` ticks, ``stop()`` or the error
+        budget is spent."""
+        t0 = self.clock.now()
+        end = None if seconds is None else t0 + seconds
+        deadline = t0
+        start_ticks = self.ticks
+        while not self._stop.is_set():
+            if max_ticks is not None and self.ticks - start_ticks >= max_ticks:
+                break
+            if end is not None and deadline >= end - 1e-9:
+                break
+            self.clock.sleep_until(deadline)
+            late = self.clock.now() - deadline
+            self.jitter.add(abs(late))
+            if late > self.period / 2:
+                self.deadline_misses += 1
+            self.step()
+            deadline += self.period
+            behind = self.clock.now() - deadline
+            if behind > self.max_catchup_ticks * self.period:
+                # skip the missed deadlines rather than bursting ticks to catch up; phase kept
+                skipped = int(behind // self.period)
+                self.deadline_misses += skipped
+                deadline += skipped * self.period
+            if self._consecutive_errors > self.error_budget:
+                self.stopped_by_errors = True
+                log.error("control: %d consecutive robot errors (budget %d); stopping",
+                          self._consecutive_errors, self.error_budget)
+                break
+
+    def step(self) -> TickRecord | None:
+        """One control tick."""
+        if self._needs_reset:
+            try:
+                self._start_episode()
+            except Exception as e:
+                self._robot_error("reset", e)
+                return None
+        tick = self._tick
+        self._tick += 1
+        self.ticks += 1
+        try:
+            obs = self.robot.observe()
+            self._obs = obs
+        except Exception as e:
+            self._robot_error("observe", e)
+            obs = None
+        if obs is not None and self.worker is not None:
+            self.worker.maybe_request(tick, obs)
+        slot = self.queue.pop(tick)
+        if slot is None or obs is None:
+            self.stall_ticks += int(slot is None)
+            chunk, offset = None, 0
+            command = self.description.hold_action(self._last_cmd)
+        else:
+            chunk, offset, action = slot
+            command = self.to_command(action)
+        state = None if obs is None else obs.state
+        safe, clamped, _ = self.envelope.apply(command, self._last_cmd, state)
+        try:
+            result = self.robot.send_action(safe)
+        except Exception as e:
+            self._robot_error("send_action", e)
+            return None
+        if obs is not None:
+            self._consecutive_errors = 0
+        self._last_cmd = safe
+        record = TickRecord(tick=tick, chunk=chunk, offset=int(offset),
+                            action=self.from_command(safe), clamped=clamped,
+                            reward=float(result.reward), terminated=bool(result.terminated),
+                            truncated=bool(result.truncated), success=bool(result.success))
+        if self.on_tick is not None:
+            self.on_tick(record)
+        if record.terminated or record.truncated:
+            self.episodes += 1
+            if self.on_episode_end is not None:
+                self.on_episode_end(self.epoch, record.success)
+            self._needs_reset = True  # the next tick resets, so this tick keeps its deadline
+        return record
+
+    def _robot_error(self, where: str, e: Exception) -> None:
+        self.robot_errors += 1
+        self._consecutive_errors += 1
+        log.error("control: robot %s failed (%d in a row): %s: %s", where,
+                  self._consecutive_errors, type(e).__name__, e)
+        if where != "send_action":
+            return
+        try:  # the failed command is unknown; hold
+            hold = self.description.hold_action(self._last_cmd)
+            self.robot.send_action(self.envelope.apply(hold, self._last_cmd, None)[0])
+        except Exception:
+            pass
+
+    def stats(self) -> dict:
+        return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
+                "stall_ticks": self.stall_ticks, "robot_errors": self.robot_errors,
+                "jitter_p50_ms": round(1e3 * self.jitter.quantile(0.5), 3),
+                "jitter_p99_ms": round(1e3 * self.jitter.quantile(0.99), 3),
+                "jitter_max_ms": round(1e3 * self.jitter.max, 3)}

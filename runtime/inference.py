@@ -1,0 +1,267 @@
+"""The inference worker: keeps the action queue ahead of the control loop.
+
+Each tick the control loop calls ``maybe_request(tick, observation)`` (never blocks). When the
+queued actions fall to ``d + margin`` ticks, where ``d`` is the expected inference delay in ticks
+(p95 of recent request-to-queue latencies, clipped to ``d <= H - d``), one request goes out with
+the ``d`` actions already committed for ticks ``tick..tick+d-1`` as the prefix. The new chunk
+starts at the request tick; its first ``prefix_len`` rows are those committed actions, so a
+prefix-conditioned policy continues them smoothly (strategy ``prefix``; others ``latest``).
+
+Two modes. ``threaded=True`` (robots): inference runs on the worker's own thread.
+``threaded=False`` (simulation on a virtual clock): inference runs inline at the request, and its
+chunk is queued only once the clock has advanced by the latency (``simulated_latency_s``, or the
+measured wall time), so the simulator moves ``d`` ticks while a chunk is "being inferred" and
+runs are reproducible.
+
+``stage(policy)`` swaps a new policy in between two inferences (never mid-chunk, never blocking
+the control loop); the one it replaces stays as ``previous`` for ``rollback()``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from robots.base import Observation
+from runtime.chunks import ActionQueue
+from runtime.clock import Clock
+from runtime.status import LatencyWindow
+from runtime.types import Chunk, VerifierVerdict
+
+log = logging.getLogger(__name__)
+
+
+class ChunkPolicy(Protocol):
+    """What the worker needs of a policy (``runtime.policy.PolicyRunner`` is one).
+    ``infer`` returns an object with ``mean``, ``log_std``, ``actions`` ([H, A], normalized)
+    and ``features``."""
+    version: int
+    weight_sha256: str
+    horizon: int
+    action_dim: int
+    accepts_prefix: bool
+
+    def infer(self, obs: Observation, prefix: np.ndarray | None, prefix_len: int): ...
+
+    def to_command(self, a_n: np.ndarray) -> np.ndarray: ...
+
+    def from_command(self, cmd: np.ndarray) -> np.ndarray: ...
+
+
+class InferenceWorker:
+    def __init__(self, policy: ChunkPolicy, queue: ActionQueue, clock: Clock, *, rate_hz: float,
+                 gate=None, margin_ticks: int = 1, threaded: bool = True,
+                 simulated_latency_s: float | None = None, window: int = 64,
+                 initial_latency_s: float | None = None):
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
+        if margin_ticks < 0:
+            raise ValueError(f"margin_ticks must be >= 0, got {margin_ticks}")
+        self.policy = policy
+        self.previous: ChunkPolicy | None = None
+        self.queue = queue
+        self.clock = clock
+        self.rate_hz = float(rate_hz)
+        self.gate = gate
+        self.margin_ticks = int(margin_ticks)
+        self.threaded = threaded
+        self.simulated_latency_s = simulated_latency_s
+        self.latency = LatencyWindow(window)
+        self._initial_latency_s = initial_latency_s
+        self._cond = threading.Condition()
+        self._request: tuple | None = None
+        self._in_flight = False
+        self._ready: list[tuple[float, Chunk]] = []   # virtual mode: (ready_time, chunk)
+        self._staged: ChunkPolicy | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.epoch = 0
+        self._chunk_ids = 0
+        self.chunks = 0
+        self.chunks_rejected = 0
+        self.chunks_dropped = 0  # inferred for an epoch that had ended
+        self.errors = 0
+        self.swaps = 0
+        self.last_swap_time: float | None = None
+        self.versions_run: set[int] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "InferenceWorker":
+        if self.threaded and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tether-inference",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- control-loop side (non-blocking) ----------------------------------------------------
+    def delay_ticks(self) -> int:
+        """Expected delay d in ticks: p95 of recent latencies, with d <= H - d."""
+        default = self._initial_latency_s
+        if default is None:
+            default = self.simulated_latency_s if self.simulated_latency_s is not None else 0.0
+        p95 = self.latency.quantile(0.95, default=default)
+        d = int(math.ceil(p95 * self.rate_hz - 1e-9))
+        return max(0, min(d, self.policy.horizon // 2))
+
+    def threshold(self) -> int:
+        return self.delay_ticks() + self.margin_ticks
+
+    def maybe_request(self, tick: int, observation: Observation) -> bool:
+        """Submit an inference if the queue runs low and none is in flight. Returns True when
+        a request was submitted."""
+        if not self.threaded:
+            self._deliver_ready()
+        with self._cond:
+            if self._in_flight or self.queue.remaining(tick) > self.threshold():
+                return False
+            d = self.delay_ticks()
+            committed = self.queue.committed(tick, d)
+            self._request = (observation, int(tick), committed, self.epoch, self.clock.now())
+            self._in_flight = True
+            if self.threaded:
+                self._cond.notify_all()
+                return True
+        self._serve(self._take())
+        return True
+
+    def reset(self, epoch: int) -> None:
+        """A new episode: chunks of older epochs (in flight or pending) are dropped."""
+        with self._cond:
+            self.epoch = int(epoch)
+            self._ready.clear()
+            if not self.threaded:
+                self._in_flight = False
+
+    # -- swapping ----------------------------------------------------------------------------
+    def stage(self, policy: ChunkPolicy) -> None:
+        """Swap ``policy`` in before the next inference; returns at once."""
+        if (policy.horizon, policy.action_dim) != (self.policy.horizon, self.policy.action_dim):
+            raise ValueError(f"policy v{policy.version} has chunks [{policy.horizon}, "
+                             f"{policy.action_dim}], the running one [{self.policy.horizon}, "
+                             f"{self.policy.action_dim}]; the queue cannot mix them")
+        with self._cond:
+            self._staged = policy
+
+    def rollback(self) -> bool:
+        """Go back to the previous policy (at the next inference)."""
+        if self.previous is None:
+            return False
+        self.stage(self.previous)
+        return True
+
+    def _swap_if_staged(self) -> None:
+        with self._cond:
+            staged, self._staged = self._staged, None
+        if staged is not None and staged is not self.policy:
+            self.previous, self.policy = self.policy, staged
+            self.swaps += 1
+            self.last_swap_time = self.clock.now()
+            log.info("inference: swapped in policy v%d (previous v%d)", staged.version,
+                     self.previous.version)
+
+    # normalization of the running policy (versions of one model share it)
+    def to_command(self, a_n: np.ndarray) -> np.ndarray:
+        return self.policy.to_command(a_n)
+
+    def from_command(self, cmd: np.ndarray) -> np.ndarray:
+        return self.policy.from_command(cmd)
+
+    # -- the inference side ------------------------------------------------------------------
+    def _take(self):
+        with self._cond:
+            req, self._request = self._request, None
+            return req
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                self._cond.wait_for(lambda: self._request is not None or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+            self._serve(self._take())
+
+    def _serve(self, req) -> None:
+        if req is None:
+            return
+        obs, tick, committed, epoch, t_request = req
+        try:
+            self._swap_if_staged()  # between two inferences: a chunk boundary
+            chunk = self._infer(obs, tick, committed, epoch)
+        except Exception as e:  # a failing inference must not kill the worker: the loop holds
+            self.errors += 1
+            log.exception("inference: request at tick %d failed: %s", tick, e)
+            chunk = None
+        if chunk is None:
+            with self._cond:
+                self._in_flight = False
+            return
+        if self.threaded:
+            self._finish(chunk, self.clock.now() - t_request)
+        else:
+            latency = (self.simulated_latency_s if self.simulated_latency_s is not None
+                       else chunk.latency_s)
+            with self._cond:
+                self._ready.append((t_request + latency, chunk))
+
+    def _infer(self, obs, tick, committed, epoch) -> Chunk | None:
+        p = self.policy
+        h, a = p.horizon, p.action_dim
+        n = min(len(committed), h) if p.accepts_prefix else 0
+        prefix = np.zeros((h, a), np.float32)
+        if n:
+            prefix[:n] = committed[:n]
+        out = p.infer(obs, prefix, n)
+        actions = np.array(out.actions, np.float32, copy=True)
+        if n:
+            actions[:n] = prefix[:n]  # the committed rows are what runs, not a resample
+        verdict = VerifierVerdict()
+        if self.gate is not None:
+            verdict = self.gate.check(actions, h, a)
+            if not self.gate.accepted(verdict):
+                self.chunks_rejected += 1
+                log.warning("inference: chunk from v%d at tick %d rejected by the gate: %s",
+                            p.version, tick, getattr(self.gate, "last_reason", ""))
+                return None
+        self._chunk_ids += 1
+        return Chunk(chunk_id=self._chunk_ids, epoch=epoch, policy_version=p.version,
+                     weight_sha256=p.weight_sha256, observation=obs, start_tick=tick,
+                     actions=actions, mean=np.asarray(out.mean, np.float32),
+                     log_std=np.asarray(out.log_std, np.float32), prefix=prefix, prefix_len=n,
+                     features=out.features, latency_s=float(getattr(out, "latency_s", 0.0)),
+                     verdict=verdict)
+
+    def _finish(self, chunk: Chunk, latency_s: float) -> None:
+        strategy = "prefix" if self.policy.accepts_prefix else "latest"
+        with self._cond:
+            self._in_flight = False
+            if chunk.epoch != self.epoch or not self.queue.insert(chunk, strategy=strategy):
+                self.chunks_dropped += 1
+                return
+            self.latency.add(latency_s)
+            self.chunks += 1
+            self.versions_run.add(chunk.policy_version)
+
+    def _deliver_ready(self) -> None:
+        now = self.clock.now()
+        with self._cond:
+            due = [(t, c) for t, c in self._ready if t <= now + 1e-9]
+            self._ready = [(t, c) for t, c in self._ready if t > now + 1e-9]
+        for t_ready, chunk in due:
+            self._finish(chunk, self.simulated_latency_s if self.simulated_latency_s is not None
+                         else chunk.latency_s)
+
+    def stats(self) -> dict:
+        return {"chunks": self.chunks, "chunks_rejected": self.chunks_rejected,
+                "chunks_dropped": self.chunks_dropped, "errors": self.errors,
+                "swaps": self.swaps, "delay_ticks": self.delay_ticks(),
+                **self.latency.summary_ms("latency_")}

@@ -1,0 +1,285 @@
+"""The robot node: wires robot, policy, action queue, inference worker, verifier, control loop,
+recorder and spool, and (given a learner address) the experience client and weight subscriber.
+
+``tether robot --robot-id ID --task TASK --artifact DIR [--learner ADDR] ...``. The node writes
+``status.json`` atomically about once a second and a final one (``done: true``) after a clean
+stop: control stopped, spool drained (bounded wait), threads joined. SIGTERM/SIGINT stop it
+cleanly; exit code 0.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import pathlib
+import signal
+import sys
+import threading
+import time
+
+from robots.registry import make_robot
+from runtime.chunks import ActionQueue
+from runtime.clock import WallClock
+from runtime.control import ControlLoop
+from runtime.inference import InferenceWorker
+from runtime.policy import PolicyRunner
+from runtime.recorder import Recorder
+from runtime.spool import Spool
+from runtime.status import write_status
+from runtime.types import TickRecord
+from verifier.envelope import Envelope
+from verifier.gate import ChunkGate
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    robot_id: str
+    task: str
+    artifact: str
+    learner: str | None = None
+    spool: str | None = None          # default: ./tether-robot/<robot_id>/spool
+    status: str | None = None         # default: next to the spool
+    staging: str | None = None        # fetched weights; default: next to the spool
+    seconds: float | None = None      # None: until stopped
+    seed: int = 0
+    rate_hz: float | None = None      # default: the manifest's control rate
+    camera: str = "fast"
+    robot_kind: str = "metaworld"
+    backend: str = "ort"
+    temperature: float = 1.0
+    on_violation: str = "clamp"
+    margin_ticks: int = 1
+    batch_records: int = 8
+    status_interval_s: float = 1.0
+    drain_timeout_s: float = 30.0
+    swap_window_s: float = 1.0
+
+    def __post_init__(self):
+        if not self.robot_id or not self.task:
+            raise ValueError("NodeConfig needs a robot_id and a task (--robot-id, --task)")
+        if self.seconds is not None and self.seconds <= 0:
+            raise ValueError(f"NodeConfig seconds must be > 0, got {self.seconds}")
+        if self.rate_hz is not None and self.rate_hz <= 0:
+            raise ValueError(f"NodeConfig rate_hz must be > 0 (--rate), got {self.rate_hz}")
+        if self.status_interval_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("NodeConfig status_interval_s must be > 0, drain_timeout_s >= 0")
+
+    @property
+    def spool_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.spool or pathlib.Path("tether-robot") / self.robot_id / "spool")
+
+    @property
+    def status_path(self) -> pathlib.Path:
+        return pathlib.Path(self.status) if self.status else self.spool_dir.parent / "status.json"
+
+    @property
+    def staging_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.staging) if self.staging else self.spool_dir.parent / "weights"
+
+
+class RobotNode:
+    def __init__(self, config: NodeConfig, robot=None, clock=None):
+        c = self.config = config
+        self.clock = clock or WallClock()
+        self.robot = robot or make_robot(c.robot_kind, task=c.task, seed=c.seed, camera=c.camera,
+                                         clock=self.clock)
+        self.description = self.robot.describe()
+        self.policy = self._load_policy(pathlib.Path(c.artifact))
+        rate = c.rate_hz or self.policy.manifest.control_rate_hz or self.description.control_rate_hz
+        self.queue = ActionQueue(self.policy.action_dim)
+        self.envelope = Envelope(self.description, c.on_violation)
+        self.gate = ChunkGate(self.envelope)
+        self.worker = InferenceWorker(self.policy, self.queue, self.clock, rate_hz=rate,
+                                      gate=self.gate, margin_ticks=c.margin_ticks,
+                                      initial_latency_s=self.policy.latency["total"].quantile(0.95))
+        self.spool = Spool(c.spool_dir, c.robot_id)
+        self.recorder = Recorder(self.spool, c.robot_id, c.task, c.batch_records)
+        self.loop = ControlLoop(self.robot, self.queue, self.envelope, self.clock, rate,
+                                self._on_tick, worker=self.worker,
+                                to_command=self.worker.to_command,
+                                from_command=self.worker.from_command,
+                                on_episode_start=self._on_episode_start,
+                                on_episode_end=self._on_episode_end)
+        self.client = self.subscriber = None
+        if c.learner:
+            from runtime.stream import ExperienceClient
+            from runtime.weights import WeightSubscriber
+            self.client = ExperienceClient(c.learner, self.spool, c.robot_id)
+            self.subscriber = WeightSubscriber(c.learner, c.robot_id, c.staging_dir,
+                                               self._on_artifact, self.policy.version)
+        self.successes = 0
+        self.success_by_version: dict[int, list[int]] = {}
+        self.swap_stall_ticks = 0
+        self.events: collections.deque[str] = collections.deque(maxlen=32)
+        self._episode_chunks: dict[int, set[int]] = collections.defaultdict(set)
+        self._done = False
+        self._stop = threading.Event()
+
+    # -- policies ----------------------------------------------------------------------------
+    def _load_policy(self, path: pathlib.Path) -> PolicyRunner:
+        c = self.config
+        runner = PolicyRunner(path, backend=c.backend, seed=c.seed, temperature=c.temperature)
+        if runner.action_dim != self.description.action_dim:
+            raise ValueError(f"{path}: policy actions have {runner.action_dim} dims, robot "
+                             f"{self.description.name!r} takes {self.description.action_dim}")
+        runner.warmup(3)
+        runner.check()
+        return runner
+
+    def _on_artifact(self, path: pathlib.Path, manifest) -> None:
+        """Called on the subscriber's thread: load, warm up, check, stage. Raising refuses the
+        version (the subscriber logs it) and the robot keeps running its current one."""
+        try:
+            runner = self._load_policy(path)
+            self.worker.stage(runner)
+        except Exception as e:
+            self._event(f"refused v{manifest.version}: {type(e).__name__}: {e}")
+            raise
+        self._event(f"staged v{runner.version} from {path}")
+
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        log.info("node: %s", message)
+
+    # -- loop callbacks (control thread) -----------------------------------------------------
+    def _on_episode_start(self, epoch: int) -> None:
+        self._episode_chunks.clear()
+        self.recorder.start_episode()
+
+    def _on_tick(self, t: TickRecord) -> None:
+        if t.chunk is None:
+            swapped = self.worker.last_swap_time
+            if swapped is not None and self.clock.now() - swapped <= self.config.swap_window_s:
+                self.swap_stall_ticks += 1
+        else:
+            self._episode_chunks[t.chunk.policy_version].add(t.chunk.chunk_id)
+        self.recorder.on_tick(t)
+
+    def _on_episode_end(self, epoch: int, success: bool) -> None:
+        self.recorder.end_episode()
+        chunks = self._episode_chunks
+        version = (max(chunks, key=lambda v: (len(chunks[v]), v)) if chunks
+                   else self.worker.policy.version)
+        acc = self.success_by_version.setdefault(version, [0, 0])
+        acc[0] += int(success)
+        acc[1] += 1
+        self.successes += int(success)
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> dict:
+        c, w = self.config, self.worker
+        lat = w.policy.latency["total"]
+        return {
+            "robot_id": c.robot_id, "task": c.task, "policy_version": w.policy.version,
+            "versions_run": sorted(w.versions_run), "episodes": self.loop.episodes,
+            "successes": self.successes,
+            "success_by_version": {str(v): list(a) for v, a in sorted(self.success_by_version.items())},
+            "records_spooled": self.spool.records_spooled, "records_acked": self.spool.records_acked,
+            "spool_pending": self.spool.pending(), "control": self.loop.stats(),
+            "swap_stall_ticks": self.swap_stall_ticks, "swaps": w.swaps,
+            "verifier": {**self.gate.stats(), "by_reason": self.envelope.stats()},
+            "inference": {"latency_p50_ms": round(1e3 * lat.quantile(0.5), 3),
+                          "latency_p95_ms": round(1e3 * lat.quantile(0.95), 3),
+                          "request_p95_ms": round(1e3 * w.latency.quantile(0.95), 3),
+                          "delay_ticks": w.delay_ticks(), "chunks": w.chunks,
+                          "errors": w.errors, "backend": w.policy.backend.info()},
+            "events": list(self.events), "done": self._done,
+        }
+
+    def write_status(self) -> None:
+        try:
+            write_status(self.config.status_path, self.status())
+        except OSError as e:
+            log.error("node: could not write %s: %s", self.config.status_path, e)
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self.config.status_interval_s):
+            self.write_status()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask a running node to stop (safe from signal handlers and other threads)."""
+        self._stop.set()
+        self.loop.stop()
+
+    def run(self, seconds: float | None = None) -> dict:
+        seconds = self.config.seconds if seconds is None else seconds
+        status_thread = threading.Thread(target=self._status_loop, name="tether-status",
+                                         daemon=True)
+        self.worker.start()
+        if self.client is not None:
+            self.client.start()
+            self.subscriber.start()
+        status_thread.start()
+        try:
+            self.loop.run(seconds)
+        finally:
+            self._shutdown(status_thread)
+        return self.status()
+
+    def _shutdown(self, status_thread: threading.Thread) -> None:
+        self.worker.stop()
+        if self.subscriber is not None:
+            self.subscriber.stop()
+        self.recorder.close()
+        if self.client is not None:
+            drained = self.client.drain(self.config.drain_timeout_s)
+            if not drained:
+                self._event(f"spool not drained within {self.config.drain_timeout_s:g} s; "
+                            f"{self.spool.pending()} records stay spooled for the next run")
+            self.client.stop()
+        self._stop.set()
+        status_thread.join(5.0)
+        try:
+            self.robot.close()
+        except Exception as e:
+            log.error("node: robot close failed: %s", e)
+        self._done = True
+        self.write_status()
+
+
+def parse_args(argv: list[str] | None) -> NodeConfig:
+    p = argparse.ArgumentParser(prog="tether robot", description="Run one robot's inference node.")
+    p.add_argument("--robot-id", required=True)
+    p.add_argument("--task", required=True, help="task name, e.g. a Meta-World task (reach-v3)")
+    p.add_argument("--artifact", required=True, help="policy artifact directory")
+    p.add_argument("--learner", default=None, help="learner address host:port (none: offline)")
+    p.add_argument("--spool", default=None, help="spool directory")
+    p.add_argument("--status", default=None, help="status JSON file")
+    p.add_argument("--seconds", type=float, default=None, help="run time (default: until stopped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate", type=float, default=None, help="control rate in Hz")
+    p.add_argument("--camera", default="fast", help="simulated camera: fast | mujoco")
+    p.add_argument("--robot", default="metaworld", help="robot kind (robots/registry.py)")
+    p.add_argument("--backend", default="ort", help="policy backend (runtime/backends)")
+    a = p.parse_args(argv)
+    return NodeConfig(robot_id=a.robot_id, task=a.task, artifact=a.artifact, learner=a.learner,
+                      spool=a.spool, status=a.status, seconds=a.seconds, seed=a.seed,
+                      rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = parse_args(argv)
+    node = RobotNode(config)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: node.stop())
+    try:
+        t0 = time.monotonic()
+        status = node.run()
+        log.info("node: stopped after %.1f s: %d ticks, %d episodes, versions %s",
+                 time.monotonic() - t0, status["control"]["ticks"], status["episodes"],
+                 status["versions_run"])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if node.loop.stopped_by_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
