@@ -138,6 +138,7 @@ class InferenceWorker:
         """A new episode: chunks of older epochs (in flight or pending) are dropped."""
         with self._cond:
             self.epoch = int(epoch)
+            self.chunks_dropped += len(self._ready)
             self._ready.clear()
             if not self.threaded:
                 self._in_flight = False
@@ -222,16 +223,18 @@ class InferenceWorker:
             prefix[:n] = committed[:n]
         out = p.infer(obs, prefix, n)
         actions = np.array(out.actions, np.float32, copy=True)
-        if n:
-            actions[:n] = prefix[:n]  # the committed rows are what runs, not a resample
         verdict = VerifierVerdict()
         if self.gate is not None:
+            # the policy's whole output is the candidate: a NaN in a prefix row still means a
+            # broken policy (and would poison the recorded log-probabilities)
             verdict = self.gate.check(actions, h, a)
             if not self.gate.accepted(verdict):
                 self.chunks_rejected += 1
                 log.warning("inference: chunk from v%d at tick %d rejected by the gate: %s",
                             p.version, tick, getattr(self.gate, "last_reason", ""))
                 return None
+        if n:
+            actions[:n] = prefix[:n]  # the committed rows are what runs, not a resample
         self._chunk_ids += 1
         return Chunk(chunk_id=self._chunk_ids, epoch=epoch, policy_version=p.version,
                      weight_sha256=p.weight_sha256, observation=obs, start_tick=tick,
@@ -259,6 +262,11 @@ class InferenceWorker:
         for t_ready, chunk in due:
             self._finish(chunk, self.simulated_latency_s if self.simulated_latency_s is not None
                          else chunk.latency_s)
+
+    def versions(self) -> list[int]:
+        """Sorted versions that produced at least one queued chunk (safe from any thread)."""
+        with self._cond:
+            return sorted(self.versions_run)
 
     def stats(self) -> dict:
         return {"chunks": self.chunks, "chunks_rejected": self.chunks_rejected,

@@ -111,12 +111,14 @@ class RobotNode:
             self.subscriber = WeightSubscriber(c.learner, c.robot_id, c.staging_dir,
                                                self._on_artifact, self.policy.version)
         self.successes = 0
+        self.episodes = 0
         self.success_by_version: dict[int, list[int]] = {}
         self.swap_stall_ticks = 0
         self.events: collections.deque[str] = collections.deque(maxlen=32)
         self._episode_chunks: dict[int, set[int]] = collections.defaultdict(set)
         self._done = False
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # episode tallies: control thread writes, status reads
 
     # -- policies ----------------------------------------------------------------------------
     def _load_policy(self, path: pathlib.Path) -> PolicyRunner:
@@ -151,8 +153,11 @@ class RobotNode:
 
     def _on_tick(self, t: TickRecord) -> None:
         if t.chunk is None:
+            # an underrun at an episode's start is the reset's (the queue was emptied), not
+            # the swap's; only mid-episode underruns near a swap count against it
             swapped = self.worker.last_swap_time
-            if swapped is not None and self.clock.now() - swapped <= self.config.swap_window_s:
+            if (self._episode_chunks and swapped is not None
+                    and self.clock.now() - swapped <= self.config.swap_window_s):
                 self.swap_stall_ticks += 1
         else:
             self._episode_chunks[t.chunk.policy_version].add(t.chunk.chunk_id)
@@ -163,20 +168,24 @@ class RobotNode:
         chunks = self._episode_chunks
         version = (max(chunks, key=lambda v: (len(chunks[v]), v)) if chunks
                    else self.worker.policy.version)
-        acc = self.success_by_version.setdefault(version, [0, 0])
-        acc[0] += int(success)
-        acc[1] += 1
-        self.successes += int(success)
+        with self._lock:
+            acc = self.success_by_version.setdefault(version, [0, 0])
+            acc[0] += int(success)
+            acc[1] += 1
+            self.successes += int(success)
+            self.episodes += 1
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict:
         c, w = self.config, self.worker
         lat = w.policy.latency["total"]
+        with self._lock:
+            episodes, successes = self.episodes, self.successes
+            by_version = {str(v): list(a) for v, a in sorted(self.success_by_version.items())}
         return {
             "robot_id": c.robot_id, "task": c.task, "policy_version": w.policy.version,
-            "versions_run": sorted(w.versions_run), "episodes": self.loop.episodes,
-            "successes": self.successes,
-            "success_by_version": {str(v): list(a) for v, a in sorted(self.success_by_version.items())},
+            "versions_run": w.versions(), "episodes": episodes, "successes": successes,
+            "success_by_version": by_version,
             "records_spooled": self.spool.records_spooled, "records_acked": self.spool.records_acked,
             "spool_pending": self.spool.pending(), "control": self.loop.stats(),
             "swap_stall_ticks": self.swap_stall_ticks, "swaps": w.swaps,

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+
+from runtime.chunks import ActionQueue
+from runtime.clock import VirtualClock, WallClock
+from runtime.control import ControlLoop
+from runtime.inference import InferenceWorker
+from verifier.envelope import Envelope
+from verifier.gate import ChunkGate
+from tests.doubles import FakePolicy, PointMassRobot
+
+RATE = 10.0
+
+
+def build(policy=None, robot=None, latency=0.35, clock=None, threaded=False, rate=RATE):
+    clock = clock or VirtualClock()
+    robot = robot or PointMassRobot(clock=clock)
+    policy = policy or FakePolicy(horizon=8, action_dim=4, value=3.0)
+    queue = ActionQueue(4)
+    env = Envelope(robot.describe())
+    gate = ChunkGate(env)
+    worker = InferenceWorker(policy, queue, clock, rate_hz=rate, gate=gate, threaded=threaded,
+                             simulated_latency_s=None if threaded else latency)
+    ticks = []
+    loop = ControlLoop(robot, queue, env, clock, rate, ticks.append, worker=worker,
+                       to_command=worker.to_command, from_command=worker.from_command)
+    return loop, worker, robot, ticks, gate
+
+
+def assert_all_sent_inside_envelope(robot):
+    desc = robot.describe()
+    lo, hi = desc.bounds()
+    sent = np.stack(robot.sent)
+    assert np.all(np.isfinite(sent))
+    assert np.all(sent >= lo - 1e-6) and np.all(sent <= hi + 1e-6)
+    deltas = np.abs(np.diff(np.vstack([np.zeros((1, 4)), sent]), axis=0))
+    assert np.all(deltas <= np.asarray(desc.max_delta) + 1e-6)
+
+
+def test_slow_policy_on_a_virtual_clock_underruns_only_while_the_first_chunk_is_inferred():
+    loop, worker, robot, ticks, _ = build()
+    loop.run(max_ticks=60)
+    assert loop.ticks == 60 and len(ticks) == 60
+    assert worker.delay_ticks() == 4  # ceil(0.35 s * 10 Hz), and 4 <= 8 - 4
+    # the first request (tick 0) lands at tick 4: ticks 0..3 hold, then never again
+    assert loop.stall_ticks == 4
+    assert [t.chunk is None for t in ticks[:5]] == [True] * 4 + [False]
+    np.testing.assert_array_equal(np.stack(robot.sent[:4]), np.zeros((4, 4)))
+    # every later request continues the 4 committed actions
+    assert worker.policy.prefix_lens[0] == 0 and set(worker.policy.prefix_lens[1:]) == {4}
+    assert loop.deadline_misses == 0 and loop.stats()["jitter_max_ms"] == 0.0
+    assert_all_sent_inside_envelope(robot)
+    assert loop.envelope.actions_clamped > 0  # the policy asked for 3.0; the robot never saw it
+    assert all(t.clamped for t in ticks[4:6])
+
+
+def test_a_swap_between_chunks_costs_no_tick():
+    loop, worker, robot, ticks, _ = build(latency=0.25)
+    loop.run(max_ticks=20)
+    stalls_before = loop.stall_ticks
+    v2 = FakePolicy(horizon=8, action_dim=4, version=2, value=0.2)
+    worker.stage(v2)
+    loop.run(max_ticks=30)
+    assert loop.stall_ticks == stalls_before
+    assert worker.swaps == 1 and worker.policy is v2 and worker.previous.version == 1
+    assert worker.versions_run == {1, 2}
+    versions = [t.chunk.policy_version for t in ticks[20:]]
+    first_v2 = versions.index(2)
+    assert set(versions[:first_v2]) == {1} and set(versions[first_v2:]) == {2}
+    assert worker.rollback() and loop.run(max_ticks=10) is None
+    assert worker.policy.version == 1 and worker.swaps == 2
+    assert_all_sent_inside_envelope(robot)
+
+
+def test_episode_end_resets_robot_queue_and_epoch():
+    clock = VirtualClock()
+    robot = PointMassRobot(clock=clock, max_steps=10)
+    loop, worker, robot, ticks, _ = build(robot=robot, clock=clock, latency=0.25)
+    loop.run(max_ticks=35)
+    assert loop.episodes == 3 and robot.resets == 4 and loop.epoch == 4
+    # no tick of an episode ran a chunk inferred in an earlier one
+    epoch_of_tick = 1
+    for t in ticks:
+        if t.chunk is not None:
+            assert t.chunk.epoch == epoch_of_tick
+        if t.truncated:
+            epoch_of_tick += 1
+    assert worker.chunks_dropped >= 1  # the in-flight request at the reset was dropped
+
+
+def test_gate_rejection_leads_to_the_remainder_or_a_hold_never_nan():
+    policy = FakePolicy(horizon=8, action_dim=4, value=0.1, nan_on_calls=(2, 3))
+    loop, worker, robot, ticks, gate = build(policy=policy, latency=0.15)
+    loop.run(max_ticks=30)
+    assert gate.chunks_rejected == 2 and worker.chunks_rejected == 2
+    assert loop.stall_ticks > 2  # the rejected chunks left the queue to run dry: held
+    assert_all_sent_inside_envelope(robot)
+
+
+def test_robot_errors_hold_and_a_spent_budget_stops_cleanly():
+    robot = PointMassRobot(fail_send=(5, 9))
+    loop, *_ = build(robot=robot)
+    loop.run(max_ticks=20)
+    assert loop.robot_errors == 2 and not loop.stopped_by_errors and loop.ticks == 20
+    robot = PointMassRobot(fail_observe=tuple(range(3, 100)))
+    loop, *_ = build(robot=robot)
+    loop.error_budget = 3
+    loop.run(max_ticks=50)
+    assert loop.stopped_by_errors and loop.ticks < 10
+    assert_all_sent_inside_envelope(robot)
+
+
+def test_threaded_worker_on_the_wall_clock_keeps_up():
+    policy = FakePolicy(horizon=8, action_dim=4, value=0.3, sleep_s=0.02)
+    loop, worker, robot, ticks, _ = build(policy=policy, clock=WallClock(), threaded=True,
+                                          rate=50.0)
+    worker.start()
+    try:
+        loop.run(seconds=1.0)
+    finally:
+        worker.stop()
+    assert 35 <= loop.ticks <= 51  # deadlines skipped under load lower it
+    assert worker.chunks >= 5 and worker.delay_ticks() >= 1
+    assert loop.stall_ticks <= 15  # the first chunk's latency; the rest is ahead of time
+    assert_all_sent_inside_envelope(robot)
+
+
+def test_config_errors_are_clear():
+    loop, worker, robot, *_ = build()
+    with pytest.raises(ValueError, match="rate_hz"):
+        ControlLoop(robot, worker.queue, loop.envelope, VirtualClock(), 0)
+    with pytest.raises(ValueError, match="chunks"):
+        worker.stage(FakePolicy(horizon=4, action_dim=4))

@@ -1,0 +1,109 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from robots.base import Observation
+from runtime.artifact import ArtifactError
+from runtime.backends import load_backend
+from runtime.policy import PolicyRunner
+from tests.doubles import export_tiny_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    import torch
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("art") / "v1"
+    export_tiny_artifact(d, version=1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runner(artifact):
+    return PolicyRunner(artifact, seed=0)
+
+
+def obs(state=(0.0, 0.6, 0.2, 0.5), shape=(48, 48, 3), camera="front"):
+    return Observation(images={camera: np.full(shape, 255, np.uint8)},
+                       state=np.asarray(state, np.float32), instruction="Reach  the GOAL",
+                       timestamp=0.0)
+
+
+def test_feeds_follow_the_graph_contract(runner):
+    prefix = np.arange(32, dtype=np.float32).reshape(8, 4)
+    f = runner.feeds(obs(state=(0.2, 0.8, 0.3, 1.0)), prefix, 3)
+    assert f["image_front"].shape == (1, 3, 48, 48) and f["image_front"].dtype == np.float32
+    assert np.all(f["image_front"] == 1.0)  # 255 -> 1.0
+    # state normalized with the manifest's statistics
+    np.testing.assert_allclose(f["state"][0], [1.0, 1.0, 1.0, 1.0], rtol=1e-5)
+    assert f["tokens"].dtype == np.int64 and f["tokens"].shape == (1, 32)
+    assert f["tokens"][0, 0] == ord("r") + 1  # lower-cased bytes tokenizer
+    assert f["prefix"].shape == (1, 8, 4)
+    np.testing.assert_array_equal(f["prefix"][0, :3], prefix[:3])
+    assert np.all(f["prefix"][0, 3:] == 0)
+    assert f["prefix_len"].tolist() == [3]
+
+
+def test_infer_returns_a_finite_chunk_and_identity(runner, artifact):
+    out = runner.infer(obs())
+    assert out.mean.shape == out.log_std.shape == out.actions.shape == (8, 4)
+    assert out.features.shape == (16,)
+    assert np.all(np.isfinite(out.actions)) and out.latency_s > 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert runner.version == 1 and runner.horizon == 8 and runner.action_dim == 4
+    assert runner.weight_sha256 == manifest["files"]["policy.onnx"]["sha256"]
+    runner.check()
+    stats = runner.latency_stats()
+    assert set(stats) == {"preprocess", "infer", "postprocess", "total"}
+    assert stats["infer"]["p50_ms"] > 0
+    info = runner.backend.info()
+    assert info["name"] == "ort" and info["providers"] == ["CPUExecutionProvider"]
+
+
+def test_temperature_zero_gives_the_mean(artifact):
+    r = PolicyRunner(artifact, temperature=0.0)
+    out = r.infer(obs())
+    np.testing.assert_array_equal(out.actions, out.mean)
+
+
+def test_normalization_round_trip(runner):
+    a = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    cmd = runner.to_command(a)
+    np.testing.assert_allclose(cmd, a * 0.5)  # action_std 0.5, mean 0
+    np.testing.assert_allclose(runner.from_command(cmd), a, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (obs(camera="wrist"), "no image from camera 'front'"),
+    (obs(shape=(32, 32, 3)), r"shape \(32, 32, 3\).*expects HxWxC \(48, 48, 3\)"),
+    (obs(state=(np.nan, 0.6, 0.2, 0.5)), "state is not finite"),
+    (obs(state=(0.0, 0.6, 0.2)), "state has 3 entries"),
+])
+def test_bad_observations_raise_clear_errors(runner, bad, match):
+    with pytest.raises(ValueError, match=match):
+        runner.infer(bad)
+
+
+def test_tampered_artifact_is_refused(artifact, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    data = bytearray((bad / "policy.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "policy.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match"):
+        PolicyRunner(bad)
+
+
+def test_unknown_backend_suggests_the_nearest(artifact):
+    with pytest.raises(ValueError, match="did you mean 'ort'"):
+        PolicyRunner(artifact, backend="otr")
+
+
+def test_ort_never_falls_back_silently(artifact, runner):
+    opts = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        load_backend("ort", artifact, runner.manifest, **opts)
+    b = load_backend("ort", artifact, runner.manifest, allow_fallback=True, **opts)
+    assert b.info()["fallback"] is True and b.info()["providers"] == ["CPUExecutionProvider"]
