@@ -94,19 +94,24 @@ class ReferenceVLA(nn.Module):
         parts.append(torch.relu(self.prefix(pre.flatten(1))))
         return self.trunk(torch.cat(parts, dim=-1)), committed
 
-    def forward(self, images: dict, state, tokens, prefix, prefix_len):
-        """Returns (mean [B,H,A], log_std [B,H,A], features [B,F]); inputs as in the ONNX contract."""
+    def _policy(self, h, committed, prefix):
         c = self.config
-        h, committed = self._trunk(images, state, tokens, prefix, prefix_len)
         mean = torch.tanh(self.mean_head(h)).reshape(-1, c.horizon, c.action_dim)
         mean = torch.where(committed.unsqueeze(-1) > 0, prefix, mean)
         log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).unsqueeze(0).expand_as(mean)
+        return mean, log_std
+
+    def forward(self, images: dict, state, tokens, prefix, prefix_len):
+        """Returns (mean [B,H,A], log_std [B,H,A], features [B,F]); inputs as in the ONNX contract."""
+        h, committed = self._trunk(images, state, tokens, prefix, prefix_len)
+        mean, log_std = self._policy(h, committed, prefix)
         return mean, log_std, self.feature_head(h)
 
-    def value(self, images: dict, state, tokens, prefix, prefix_len) -> torch.Tensor:
-        """State value estimate [B] used for advantages (not exported to the robot)."""
-        h, _ = self._trunk(images, state, tokens, prefix, prefix_len)
-        return self.value_head(h).squeeze(-1)
+    def policy_and_value(self, images: dict, state, tokens, prefix, prefix_len):
+        """(mean, log_std, value [B]) from one trunk pass, for training (value is not exported)."""
+        h, committed = self._trunk(images, state, tokens, prefix, prefix_len)
+        mean, log_std = self._policy(h, committed, prefix)
+        return mean, log_std, self.value_head(h).squeeze(-1)
 
 
 def gaussian_log_prob(mean, log_std, actions, row_mask):

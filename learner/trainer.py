@@ -27,7 +27,7 @@ import torch
 
 from learner.batches import Batch, DecodeSpec, check_record, decode
 from learner.export import config_from_manifest
-from learner.model import LOG_STD_MAX, LOG_STD_MIN, ReferenceVLA, gaussian_log_prob
+from learner.model import ReferenceVLA, gaussian_log_prob
 from learner.registry import Registry
 from learner.store import ExperienceStore
 from tether.wire import tether_pb2 as pb
@@ -72,13 +72,8 @@ class TrainerConfig:
 
 
 def policy_and_value(model: ReferenceVLA, batch: Batch):
-    """(mean, log_std, value) from one trunk pass; forward() and value() would run it twice."""
-    h, committed = model._trunk(*batch.inputs())
-    c = model.config
-    mean = torch.tanh(model.mean_head(h)).reshape(-1, c.horizon, c.action_dim)
-    mean = torch.where(committed.unsqueeze(-1) > 0, batch.prefix, mean)
-    log_std = model.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).unsqueeze(0).expand_as(mean)
-    return mean, log_std, model.value_head(h).squeeze(-1)
+    """(mean, log_std, value) for a decoded batch, from one trunk pass."""
+    return model.policy_and_value(*batch.inputs())
 
 
 def group_episodes(records: list[pb.ChunkRecord]) -> list[list[pb.ChunkRecord]]:

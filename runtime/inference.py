@@ -228,7 +228,7 @@ class InferenceWorker:
             # the policy's whole output is the candidate: a NaN in a prefix row still means a
             # broken policy (and would poison the recorded log-probabilities)
             verdict = self.gate.check(actions, h, a)
-            if not self.gate.accepted(verdict):
+            if not verdict.accepted:
                 self.chunks_rejected += 1
                 log.warning("inference: chunk from v%d at tick %d rejected by the gate: %s",
                             p.version, tick, getattr(self.gate, "last_reason", ""))

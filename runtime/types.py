@@ -6,16 +6,9 @@ import dataclasses
 import numpy as np
 
 from robots.base import Observation
+from verifier.verdict import VerifierVerdict
 
-
-@dataclasses.dataclass(frozen=True)
-class VerifierVerdict:
-    """What the verifier decided for one inference call (K candidates -> one chunk)."""
-    candidates: int = 1
-    chosen: int = 0
-    rejected: int = 0
-    scores: tuple[float, ...] = ()
-    seconds: float = 0.0
+__all__ = ["Chunk", "TickRecord", "VerifierVerdict"]
 
 
 @dataclasses.dataclass(frozen=True)

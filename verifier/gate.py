@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.types import VerifierVerdict
+from verifier.verdict import VerifierVerdict
 from verifier.envelope import Envelope
 
 # scorer(actions [H, A] normalized) -> (score in [0, 1], accept?)
@@ -49,10 +49,6 @@ class ChunkGate:
                 self.last_reason = reason
         return VerifierVerdict(candidates=1, chosen=-1 if reason else 0, rejected=int(bool(reason)),
                                scores=scores, seconds=time.perf_counter() - t0)
-
-    @staticmethod
-    def accepted(verdict: VerifierVerdict) -> bool:
-        return verdict.chosen >= 0
 
     def stats(self) -> dict:
         return {"chunks_checked": self.chunks_checked, "chunks_rejected": self.chunks_rejected,

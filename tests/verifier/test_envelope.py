@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from robots.description import RobotDescription, load_description
-from runtime.types import VerifierVerdict
+from verifier.verdict import VerifierVerdict
 from verifier.envelope import Envelope
 from verifier.gate import ChunkGate
 
@@ -125,12 +125,12 @@ def test_any_command_sequence_stays_inside_every_limit(commands, state, tight, r
 def test_gate_rejects_bad_chunks_and_counts():
     gate = ChunkGate(Envelope(SAWYER))
     ok = gate.check(np.zeros((8, 4)), 8, 4)
-    assert isinstance(ok, VerifierVerdict) and gate.accepted(ok) and ok.rejected == 0
+    assert isinstance(ok, VerifierVerdict) and ok.accepted and ok.rejected == 0
     bad = np.zeros((8, 4))
     bad[3, 1] = np.inf
-    assert not gate.accepted(gate.check(bad, 8, 4))
-    assert not gate.accepted(gate.check(np.zeros((7, 4)), 8, 4))
+    assert not gate.check(bad, 8, 4).accepted
+    assert not gate.check(np.zeros((7, 4)), 8, 4).accepted
     assert gate.chunks_checked == 3 and gate.chunks_rejected == 2
     scored = ChunkGate(Envelope(SAWYER), scorer=lambda a: (0.1, False))
     v = scored.check(np.zeros((8, 4)), 8, 4)
-    assert not scored.accepted(v) and v.scores == (0.1,)
+    assert not v.accepted and v.scores == (0.1,)
