@@ -79,6 +79,16 @@ class ControlLoop:
         self._last_cmd = None
         if self.on_episode_start is not None:
             self.on_episode_start(self.epoch)
+        if self.worker is not None:
+            # ask for the first chunk now, so it is ready by the next tick instead of holding
+            self.worker.maybe_request(self._tick, self._obs)
+
+    def _next_episode(self) -> None:
+        try:
+            self._start_episode()
+        except Exception as e:
+            self._needs_reset = True
+            self._robot_error("reset", e)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, seconds: float | None = None, max_ticks: int | None = None) -> None:
@@ -88,6 +98,9 @@ class ControlLoop:
         end = None if seconds is None else t0 + seconds
         deadline = t0
         start_ticks = self.ticks
+        if self._needs_reset and not self._stop.is_set():
+            self._next_episode()
+            deadline += self.period  # the first chunk is inferred during this period
         while not self._stop.is_set():
             if max_ticks is not None and self.ticks - start_ticks >= max_ticks:
                 break
@@ -159,7 +172,7 @@ class ControlLoop:
             self.episodes += 1
             if self.on_episode_end is not None:
                 self.on_episode_end(self.epoch, record.success)
-            self._needs_reset = True  # the next tick resets, so this tick keeps its deadline
+            self._next_episode()
         return record
 
     def _robot_error(self, where: str, e: Exception) -> None:

@@ -23,6 +23,8 @@ import grpc
 from sim import report
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
+# robots see task variations that neither the demos nor the BC evaluation used (see learner.pretrain)
+ROBOT_SEED_BASE = 100_000
 LISTENING = re.compile(r"learner listening on (\S+:\d+)")
 
 
@@ -110,7 +112,7 @@ class Fleet:
             args = ["robot", "--robot-id", rid, "--task", self.tasks[i % len(self.tasks)],
                     "--artifact", str(artifact), "--learner", self.addr,
                     "--spool", str(home / "spool"), "--status", str(home / "status.json"),
-                    "--seconds", str(c.minutes * 60), "--seed", str(c.seed * 1000 + i),
+                    "--seconds", str(c.minutes * 60), "--seed", str(ROBOT_SEED_BASE + c.seed * 1000 + i),
                     "--camera", c.camera]
             with open(home / "robot.log", "w") as log:
                 self.robots[rid] = subprocess.Popen(_tether(*args), stdout=log,

@@ -42,16 +42,17 @@ def test_slow_policy_on_a_virtual_clock_underruns_only_while_the_first_chunk_is_
     loop.run(max_ticks=60)
     assert loop.ticks == 60 and len(ticks) == 60
     assert worker.delay_ticks() == 4  # ceil(0.35 s * 10 Hz), and 4 <= 8 - 4
-    # the first request (tick 0) lands at tick 4: ticks 0..3 hold, then never again
-    assert loop.stall_ticks == 4
-    assert [t.chunk is None for t in ticks[:5]] == [True] * 4 + [False]
-    np.testing.assert_array_equal(np.stack(robot.sent[:4]), np.zeros((4, 4)))
+    # the first request goes out at the reset, a period before tick 0, and lands (0.35 s) by
+    # tick 3: ticks 0..2 hold, then never again
+    assert loop.stall_ticks == 3
+    assert [t.chunk is None for t in ticks[:4]] == [True] * 3 + [False]
+    np.testing.assert_array_equal(np.stack(robot.sent[:3]), np.zeros((3, 4)))
     # every later request continues the 4 committed actions
     assert worker.policy.prefix_lens[0] == 0 and set(worker.policy.prefix_lens[1:]) == {4}
     assert loop.deadline_misses == 0 and loop.stats()["jitter_max_ms"] == 0.0
     assert_all_sent_inside_envelope(robot)
     assert loop.envelope.actions_clamped > 0  # the policy asked for 3.0; the robot never saw it
-    assert all(t.clamped for t in ticks[4:6])
+    assert all(t.clamped for t in ticks[3:5])
 
 
 def test_a_swap_between_chunks_costs_no_tick():
@@ -93,7 +94,9 @@ def test_gate_rejection_leads_to_the_remainder_or_a_hold_never_nan():
     loop, worker, robot, ticks, gate = build(policy=policy, latency=0.15)
     loop.run(max_ticks=30)
     assert gate.chunks_rejected == 2 and worker.chunks_rejected == 2
-    assert loop.stall_ticks > 2  # the rejected chunks left the queue to run dry: held
+    first = next(i for i, t in enumerate(ticks) if t.chunk is not None)
+    # the rejected chunks left the queue to run dry later on: held
+    assert any(t.chunk is None for t in ticks[first:])
     assert_all_sent_inside_envelope(robot)
 
 
