@@ -54,17 +54,21 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
 
 
 def learning_curve(samples: list[tuple[float, int, int]], bin_s: float) -> list[list[float]]:
-    """Fleet success rate per time bin from cumulative (t, episodes, successes) samples."""
-    curve, last = [], (0.0, 0, 0)
-    edge = bin_s
+    """Fleet success rate per time bin, ``[t_end, rate, episodes]``, from cumulative
+    (t, episodes, successes) samples. A short tail (under half a bin) joins the last bin."""
+    edges, last_t = [(0.0, 0, 0)], 0.0
     for t, eps, succ in samples:
-        if t >= edge and eps > last[1]:
-            curve.append([round(t, 1), round((succ - last[2]) / (eps - last[1]), 3), eps - last[1]])
-            last, edge = (t, eps, succ), t + bin_s
-    if samples and samples[-1][1] > last[1]:
-        t, eps, succ = samples[-1]
-        curve.append([round(t, 1), round((succ - last[2]) / (eps - last[1]), 3), eps - last[1]])
-    return curve
+        if t - last_t >= bin_s and eps > edges[-1][1]:
+            edges.append((t, eps, succ))
+            last_t = t
+    if samples and samples[-1][1] > edges[-1][1]:
+        tail = samples[-1]
+        if len(edges) > 1 and tail[0] - edges[-1][0] < bin_s / 2:
+            edges[-1] = tail
+        else:
+            edges.append(tail)
+    return [[round(b[0], 1), round((b[2] - a[2]) / (b[1] - a[1]), 3), b[1] - a[1]]
+            for a, b in zip(edges, edges[1:])]
 
 
 def write_outputs(out: pathlib.Path, summary: dict, curve: list, publishes: list) -> None:

@@ -33,8 +33,10 @@ def test_check_reports_loss_stalls_and_crashes():
 
 def test_learning_curve_bins_new_episodes():
     samples = [(1, 0, 0), (5, 2, 1), (11, 4, 1), (15, 5, 2), (22, 8, 5), (25, 8, 5)]
-    curve = report.learning_curve(samples, bin_s=10)
-    assert curve == [[11, 0.25, 4], [22, 1.0, 4]]
+    assert report.learning_curve(samples, bin_s=10) == [[11, 0.25, 4], [22, 1.0, 4]]
+    # a short tail joins the last bin; a long one is its own
+    assert report.learning_curve(samples + [(24, 9, 5)], bin_s=10) == [[11, 0.25, 4], [24, 0.8, 5]]
+    assert report.learning_curve(samples + [(28, 9, 5)], bin_s=10) == [[11, 0.25, 4], [22, 1.0, 4], [28, 0.0, 1]]
 
 
 def test_outputs_written(tmp_path):
