@@ -61,15 +61,23 @@ def onnx_bytes(model: ReferenceVLA) -> bytes:
 
 def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version: int,
                     parent_version: int, normalization: dict, robot: str,
-                    control_rate_hz: float) -> Manifest:
-    """Write the artifact into ``out_dir`` (created; files fsynced; manifest written last)."""
+                    control_rate_hz: float, verifier=None) -> Manifest:
+    """Write the artifact into ``out_dir`` (created; files fsynced; manifest written last).
+    ``verifier``: a ``learner.verifier_train.TrainedScorer`` to ship as ``verifier.onnx``
+    (described under the manifest's ``extra.verifier``)."""
     c = model.config
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "policy.onnx", onnx_bytes(model))
+    files = {"policy.onnx": file_entry(out / "policy.onnx")}
+    extra = {"model_config": dataclasses.asdict(c)}
+    if verifier is not None:
+        write_atomic(out / "verifier.onnx", verifier.onnx_bytes())
+        files["verifier.onnx"] = file_entry(out / "verifier.onnx")
+        extra["verifier"] = verifier.manifest_entry()
     manifest = Manifest(
         version=version, parent_version=parent_version,
-        files={"policy.onnx": file_entry(out / "policy.onnx")},
+        files=files,
         inputs={"cameras": [{"name": n, "height": c.image_hw[0], "width": c.image_hw[1],
                              "channels": c.channels} for n in c.cameras],
                 "state_dim": c.state_dim,
@@ -80,7 +88,7 @@ def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version
         normalization={k: [float(x) for x in np.asarray(v).ravel()] for k, v in normalization.items()},
         control_rate_hz=float(control_rate_hz), robot=robot,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        extra={"model_config": dataclasses.asdict(c)},
+        extra=extra,
     )
     text = manifest.to_json()
     write_atomic(out / MANIFEST, text.encode())

@@ -188,8 +188,9 @@ class Registry:
 
     def publish(self, model: torch.nn.Module, normalization: dict | None = None, *,
                 robot: str | None = None, control_rate_hz: float | None = None,
-                optimizer_state: dict | None = None) -> Manifest:
-        """Export ``model`` as version latest + 1 (parent = latest) and announce it.
+                optimizer_state: dict | None = None, verifier=None) -> Manifest:
+        """Export ``model`` as version latest + 1 (parent = latest) and announce it;
+        ``verifier`` (a trained scorer) ships as ``verifier.onnx`` in the same artifact.
 
         normalization / robot / control rate default to the latest version's.
         """
@@ -205,7 +206,8 @@ class Registry:
                 model, tmp, version=v, parent_version=parent,
                 normalization=prev.normalization if normalization is None else normalization,
                 robot=prev.robot if robot is None else robot,
-                control_rate_hz=prev.control_rate_hz if control_rate_hz is None else control_rate_hz)
+                control_rate_hz=prev.control_rate_hz if control_rate_hz is None else control_rate_hz,
+                verifier=verifier)
             state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
             self._save_checkpoint(v, state, optimizer_state)
             self._commit(tmp, v)

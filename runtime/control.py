@@ -119,6 +119,12 @@ class ControlLoop:
                 skipped = int(behind // self.period)
                 self.deadline_misses += skipped
                 deadline += skipped * self.period
+            if self.worker is not None and getattr(self.worker, "failed", False):
+                self.stopped_by_errors = True
+                self._hold()
+                log.error("control: inference failed %d times in a row (budget %d); stopped, "
+                          "holding", self.worker.consecutive_errors, self.worker.error_budget)
+                break
             if self._consecutive_errors > self.error_budget:
                 self.stopped_by_errors = True
                 log.error("control: %d consecutive robot errors (budget %d); stopping",
@@ -180,13 +186,15 @@ class ControlLoop:
         self._consecutive_errors += 1
         log.error("control: robot %s failed (%d in a row): %s: %s", where,
                   self._consecutive_errors, type(e).__name__, e)
-        if where != "send_action":
-            return
-        try:  # the failed command is unknown; hold
+        if where == "send_action":
+            self._hold()  # the failed command is unknown; hold
+
+    def _hold(self) -> None:
+        try:
             hold = self.description.hold_action(self._last_cmd)
             self.robot.send_action(self.envelope.apply(hold, self._last_cmd, None)[0])
-        except Exception:
-            pass
+        except Exception as e:
+            log.error("control: hold command failed: %s: %s", type(e).__name__, e)
 
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,

@@ -7,6 +7,15 @@ the ``d`` actions already committed for ticks ``tick..tick+d-1`` as the prefix. 
 starts at the request tick; its first ``prefix_len`` rows are those committed actions, so a
 prefix-conditioned policy continues them smoothly (strategy ``prefix``; others ``latest``).
 
+Execution: ``actions_per_chunk`` s sets how many actions run between two requests, kept to
+``d <= s <= H - d`` (a request needs ``d`` queued actions to cover the delay, and one request is
+in flight at a time). ``strategy`` picks the merge (runtime/chunks.py); only ``prefix`` passes
+the committed actions to the policy. ``sync=True`` is the baseline that makes the robot wait:
+after s actions the rest is dropped, the robot holds while the next chunk is inferred, and the
+chunk runs from its first row when it arrives. An observation older than ``max_obs_age_s`` is
+never inferred from (counted); more than ``error_budget`` failed inferences in a row set
+``failed``, which stops the control loop cleanly (holding).
+
 Two modes. ``threaded=True`` (robots): inference runs on the worker's own thread.
 ``threaded=False`` (simulation on a virtual clock): inference runs inline at the request, and its
 chunk is queued only once the clock has advanced by the latency (``simulated_latency_s``, or the
@@ -18,6 +27,7 @@ the control loop); the one it replaces stays as ``previous`` for ``rollback()``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -26,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from robots.base import Observation
-from runtime.chunks import ActionQueue
+from runtime.chunks import ActionQueue, check_strategy
 from runtime.clock import Clock
 from runtime.status import LatencyWindow
 from runtime.types import Chunk, VerifierVerdict
@@ -55,11 +65,29 @@ class InferenceWorker:
     def __init__(self, policy: ChunkPolicy, queue: ActionQueue, clock: Clock, *, rate_hz: float,
                  gate=None, margin_ticks: int = 1, threaded: bool = True,
                  simulated_latency_s: float | None = None, window: int = 64,
-                 initial_latency_s: float | None = None):
+                 initial_latency_s: float | None = None, strategy: str | None = None,
+                 actions_per_chunk: int | None = None, sync: bool = False,
+                 max_obs_age_s: float | None = None, error_budget: int = 10):
         if rate_hz <= 0:
             raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
         if margin_ticks < 0:
             raise ValueError(f"margin_ticks must be >= 0, got {margin_ticks}")
+        if actions_per_chunk is not None and not 1 <= actions_per_chunk <= policy.horizon:
+            raise ValueError(f"actions_per_chunk must be in [1, H={policy.horizon}], got "
+                             f"{actions_per_chunk}")
+        if max_obs_age_s is not None and max_obs_age_s <= 0:
+            raise ValueError(f"max_obs_age_s must be > 0 (None: no limit), got {max_obs_age_s}")
+        if error_budget < 0:
+            raise ValueError(f"error_budget must be >= 0, got {error_budget}")
+        self.strategy = check_strategy(strategy or ("prefix" if policy.accepts_prefix
+                                                    else "latest"))
+        if self.strategy == "prefix" and not policy.accepts_prefix:
+            raise ValueError(f"strategy 'prefix' needs a policy whose manifest accepts an action "
+                             f"prefix; v{policy.version} does not: use latest/ensemble/average")
+        self.actions_per_chunk = actions_per_chunk
+        self.sync = bool(sync)
+        self.max_obs_age_s = max_obs_age_s
+        self.error_budget = int(error_budget)
         self.policy = policy
         self.previous: ChunkPolicy | None = None
         self.queue = queue
@@ -84,6 +112,8 @@ class InferenceWorker:
         self.chunks_rejected = 0
         self.chunks_dropped = 0  # inferred for an epoch that had ended
         self.errors = 0
+        self.consecutive_errors = 0
+        self.stale_observations = 0
         self.swaps = 0
         self.last_swap_time: float | None = None
         self.versions_run: set[int] = set()
@@ -113,18 +143,38 @@ class InferenceWorker:
         d = int(math.ceil(p95 * self.rate_hz - 1e-9))
         return max(0, min(d, self.policy.horizon // 2))
 
+    def execution_horizon(self) -> int:
+        """s, the actions executed per chunk, kept to ``d <= s <= H - d``."""
+        h, d = self.policy.horizon, self.delay_ticks()
+        if self.sync:  # the robot waits for every chunk: no delay to cover
+            return self.actions_per_chunk or h
+        s = self.actions_per_chunk if self.actions_per_chunk is not None else h - d - self.margin_ticks
+        return max(d, min(int(s), h - d), 1)
+
     def threshold(self) -> int:
-        return self.delay_ticks() + self.margin_ticks
+        """Request when this many queued actions (or fewer) are left."""
+        return self.policy.horizon - self.execution_horizon()
+
+    @property
+    def failed(self) -> bool:
+        """More than ``error_budget`` inferences failed in a row: stop the robot (it holds)."""
+        return self.consecutive_errors > self.error_budget
 
     def maybe_request(self, tick: int, observation: Observation) -> bool:
         """Submit an inference if the queue runs low and none is in flight. Returns True when
         a request was submitted."""
         if not self.threaded:
             self._deliver_ready()
+        if (self.max_obs_age_s is not None
+                and self.clock.now() - observation.timestamp > self.max_obs_age_s):
+            self.stale_observations += 1  # never infer from an old picture of the world
+            return False
         with self._cond:
             if self._in_flight or self.queue.remaining(tick) > self.threshold():
                 return False
-            d = self.delay_ticks()
+            if self.sync:
+                self.queue.drop_from(tick)  # the robot stops and waits for the new chunk
+            d = 0 if self.sync else self.delay_ticks()
             committed = self.queue.committed(tick, d)
             self._request = (observation, int(tick), committed, self.epoch, self.clock.now())
             self._in_flight = True
@@ -132,6 +182,7 @@ class InferenceWorker:
                 self._cond.notify_all()
                 return True
         self._serve(self._take())
+        self._deliver_ready()  # a zero-latency chunk runs from this very tick
         return True
 
     def reset(self, epoch: int) -> None:
@@ -200,6 +251,7 @@ class InferenceWorker:
             chunk = self._infer(obs, tick, committed, epoch)
         except Exception as e:  # a failing inference must not kill the worker: the loop holds
             self.errors += 1
+            self.consecutive_errors += 1
             log.exception("inference: request at tick %d failed: %s", tick, e)
             chunk = None
         if chunk is None:
@@ -217,14 +269,28 @@ class InferenceWorker:
     def _infer(self, obs, tick, committed, epoch) -> Chunk | None:
         p = self.policy
         h, a = p.horizon, p.action_dim
-        n = min(len(committed), h) if p.accepts_prefix else 0
+        n = min(len(committed), h) if self.strategy == "prefix" else 0
         prefix = np.zeros((h, a), np.float32)
         if n:
             prefix[:n] = committed[:n]
         out = p.infer(obs, prefix, n)
         actions = np.array(out.actions, np.float32, copy=True)
         verdict = VerifierVerdict()
-        if self.gate is not None:
+        if hasattr(self.gate, "choose"):  # the verifier's scheduler: K candidates, one chunk
+            def draw(k: int) -> np.ndarray:
+                cand = p.candidates(out, k)
+                cand[:, :n] = prefix[:n]  # committed rows are not the verifier's to change
+                return cand
+            chosen, verdict = self.gate.choose(draw, h, a, features=out.features,
+                                               state=obs.state, mean=out.mean,
+                                               scorer=getattr(p, "scorer", None))
+            if chosen is None:
+                self.chunks_rejected += 1
+                log.warning("inference: no candidate from v%d at tick %d passed the verifier: %s",
+                            p.version, tick, verdict.reason)
+                return None
+            actions = chosen
+        elif self.gate is not None:
             # the policy's whole output is the candidate: a NaN in a prefix row still means a
             # broken policy (and would poison the recorded log-probabilities)
             verdict = self.gate.check(actions, h, a)
@@ -240,13 +306,17 @@ class InferenceWorker:
                      weight_sha256=p.weight_sha256, observation=obs, start_tick=tick,
                      actions=actions, mean=np.asarray(out.mean, np.float32),
                      log_std=np.asarray(out.log_std, np.float32), prefix=prefix, prefix_len=n,
-                     features=out.features, latency_s=float(getattr(out, "latency_s", 0.0)),
+                     features=out.features,
+                     latency_s=float(getattr(out, "latency_s", 0.0)) + verdict.seconds,
                      verdict=verdict)
 
     def _finish(self, chunk: Chunk, latency_s: float) -> None:
-        strategy = "prefix" if self.policy.accepts_prefix else "latest"
+        strategy = self.strategy
+        if self.sync:  # the robot waited: the chunk runs from its first row on arrival
+            chunk, strategy = dataclasses.replace(chunk, start_tick=self.queue.next_tick), "latest"
         with self._cond:
             self._in_flight = False
+            self.consecutive_errors = 0
             if chunk.epoch != self.epoch or not self.queue.insert(chunk, strategy=strategy):
                 self.chunks_dropped += 1
                 return
@@ -271,5 +341,7 @@ class InferenceWorker:
     def stats(self) -> dict:
         return {"chunks": self.chunks, "chunks_rejected": self.chunks_rejected,
                 "chunks_dropped": self.chunks_dropped, "errors": self.errors,
+                "stale_observations": self.stale_observations, "strategy": self.strategy,
+                "actions_per_chunk": self.execution_horizon(),
                 "swaps": self.swaps, "delay_ticks": self.delay_ticks(),
                 **self.latency.summary_ms("latency_")}

@@ -29,7 +29,8 @@ from runtime.spool import Spool
 from runtime.status import write_status
 from runtime.types import TickRecord
 from verifier.envelope import Envelope
-from verifier.gate import ChunkGate
+from verifier.scheduler import SchedulerConfig, VerifierScheduler
+from verifier.scorer import OnnxScorer
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class NodeConfig:
     backend: str = "ort"
     temperature: float = 1.0
     on_violation: str = "clamp"
+    verifier: SchedulerConfig = SchedulerConfig()  # used when the artifact ships verifier.onnx
     margin_ticks: int = 1
     batch_records: int = 8
     status_interval_s: float = 1.0
     drain_timeout_s: float = 30.0
     swap_window_s: float = 1.0
+    metrics_port: int | None = None   # Prometheus /metrics on 127.0.0.1 (0: any free port)
 
     def __post_init__(self):
         if not self.robot_id or not self.task:
@@ -91,7 +94,7 @@ class RobotNode:
         rate = c.rate_hz or self.policy.manifest.control_rate_hz or self.description.control_rate_hz
         self.queue = ActionQueue(self.policy.action_dim)
         self.envelope = Envelope(self.description, c.on_violation)
-        self.gate = ChunkGate(self.envelope)
+        self.gate = VerifierScheduler(None, c.verifier, self.envelope)
         self.worker = InferenceWorker(self.policy, self.queue, self.clock, rate_hz=rate,
                                       gate=self.gate, margin_ticks=c.margin_ticks,
                                       initial_latency_s=self.policy.latency["total"].quantile(0.95))
@@ -129,6 +132,8 @@ class RobotNode:
                              f"{self.description.name!r} takes {self.description.action_dim}")
         runner.warmup(3)
         runner.check()
+        # the scorer ships with (and swaps with) the policy version whose features it reads
+        runner.scorer = OnnxScorer.from_artifact(path, runner.manifest)
         return runner
 
     def _on_artifact(self, path: pathlib.Path, manifest) -> None:
@@ -194,8 +199,9 @@ class RobotNode:
                           "latency_p95_ms": round(1e3 * lat.quantile(0.95), 3),
                           "request_p95_ms": round(1e3 * w.latency.quantile(0.95), 3),
                           "delay_ticks": w.delay_ticks(), "chunks": w.chunks,
+                          "stages": w.policy.latency_stats(),
                           "errors": w.errors, "backend": w.policy.backend.info()},
-            "events": list(self.events), "done": self._done,
+            "queue_depth": len(self.queue), "events": list(self.events), "done": self._done,
         }
 
     def write_status(self) -> None:
@@ -219,6 +225,11 @@ class RobotNode:
         status_thread = threading.Thread(target=self._status_loop, name="tether-status",
                                          daemon=True)
         self.worker.start()
+        self.metrics = None
+        if self.config.metrics_port is not None:
+            from runtime.metrics import MetricsServer
+            self.metrics = MetricsServer(self.status, self.config.metrics_port).start()
+            self._event(f"metrics on http://127.0.0.1:{self.metrics.port}/metrics")
         if self.client is not None:
             self.client.start()
             self.subscriber.start()
@@ -231,6 +242,8 @@ class RobotNode:
 
     def _shutdown(self, status_thread: threading.Thread) -> None:
         self.worker.stop()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
         if self.subscriber is not None:
             self.subscriber.stop()
         self.recorder.close()
@@ -264,10 +277,13 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
     p.add_argument("--camera", default="fast", help="simulated camera: fast | mujoco")
     p.add_argument("--robot", default="metaworld", help="robot kind (robots/registry.py)")
     p.add_argument("--backend", default="ort", help="policy backend (runtime/backends)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free port)")
     a = p.parse_args(argv)
     return NodeConfig(robot_id=a.robot_id, task=a.task, artifact=a.artifact, learner=a.learner,
                       spool=a.spool, status=a.status, seconds=a.seconds, seed=a.seed,
-                      rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend)
+                      rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend,
+                      metrics_port=a.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,12 @@ class PolicyRunner:
             self.latency[stage].add(dt)
         return PolicyOutput(mean, log_std, actions, features, t3 - t0)
 
+    def candidates(self, out: PolicyOutput, k: int) -> np.ndarray:
+        """``k`` fresh chunks [k, H, A] from the Gaussian of one inference (no second forward
+        pass): the verifier's candidates."""
+        return np.stack([distributions.sample(out.mean, out.log_std, self._rng, self.temperature)
+                         for _ in range(int(k))])
+
     def synthetic_observation(self) -> Observation:
         m = self.manifest
         images = {c["name"]: np.full((int(c["height"]), int(c["width"]),

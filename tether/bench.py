@@ -10,8 +10,8 @@ import importlib
 import sys
 
 BENCHES: dict[str, str] = {
-    # "runtime": "sim.bench_runtime:main",    (issue 3)
-    # "verifier": "sim.bench_verifier:main",  (issue 4)
+    "runtime": "sim.bench_runtime:main",
+    "verifier": "sim.bench_verifier:main",
 }
 
 

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "robot": ("runtime.node:main", "run one robot's inference node"),
     "pretrain": ("learner.pretrain:main", "behaviour-clone the reference VLA on scripted demos"),
     "inspect": ("tether.inspect:main", "verify a policy artifact and print its manifest"),
+    "ros": ("runtime.ros.cli:main", "run the ROS 2 node over cyclonedds (no ROS install needed)"),
     "bench": ("tether.bench:main", "run a benchmark and write its JSON (tether bench NAME --out F)"),
 }
 

@@ -12,6 +12,14 @@ import numpy as np
 
 BACKENDS = {
     "ort": "runtime.backends.ort_backend:OrtBackend",
+    "torch": "runtime.backends.torch_backend:TorchBackend",
+    "tensorrt": "runtime.backends.trt_backend:TensorRTBackend",
+}
+
+EXTRAS = {
+    "ort": "pip install onnxruntime (onnxruntime-gpu for CUDA/TensorRT providers)",
+    "torch": "pip install torch onnx",
+    "tensorrt": "pip install tensorrt cuda-python onnxruntime, on a machine with an NVIDIA GPU",
 }
 
 
@@ -43,7 +51,7 @@ def load_backend(name: str, artifact_dir: str | os.PathLike, manifest, **options
         mod = importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"policy backend {name!r} needs {e.name!r}; install it "
-                          f"(for 'ort': pip install onnxruntime)") from e
+                          f"({EXTRAS.get(name, '')})") from e
     backend = getattr(mod, cls)(**options)
     backend.load(artifact_dir, manifest)
     return backend

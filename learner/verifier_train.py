@@ -1,0 +1,222 @@
+"""Training the chunk scorer from fleet outcomes (torch; learner side).
+
+Labels, per executed chunk (``chunk_labels``): *unsafe* if the envelope intervened on any tick
+from the chunk's first executed tick to T ticks after its last, or the episode failed (ended
+without success) within T ticks after the chunk. Advantage targets are discounted chunk-level
+returns minus a value estimate (the learner's value head, or a per-task baseline when none).
+
+Losses: focal loss on the safety logit (the unsafe class is the rare one), MSE on the
+advantage. Calibration: a temperature fitted by NLL on held-out episodes (baked into the
+exported graph), then the decision threshold: the largest one whose false-reject rate on the
+calibration chunks that were safe and led to success stays within ``max_false_reject``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from learner.verifier_model import ChunkScorer, ScorerConfig, scorer_onnx_bytes
+from verifier.metrics import expected_calibration_error
+
+log = logging.getLogger("tether.learner.verifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerTrainConfig:
+    lookahead_ticks: int = 8       # T: "unsafe/failed within T ticks after the chunk"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.5       # weight of the unsafe class (label 0 = unsafe)
+    adv_coef: float = 0.5
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    epochs: int = 30
+    minibatch: int = 256
+    calib_fraction: float = 0.25   # episodes held out to fit temperature and threshold
+    max_false_reject: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.lookahead_ticks < 0 or self.epochs < 1 or self.minibatch < 1 or self.lr <= 0:
+            raise ValueError(f"ScorerTrainConfig: invalid sizes: {self}")
+        if not 0 < self.calib_fraction < 1 or not 0 <= self.max_false_reject < 1:
+            raise ValueError(f"ScorerTrainConfig: calib_fraction in (0, 1), max_false_reject "
+                             f"in [0, 1): {self}")
+
+
+@dataclasses.dataclass
+class ScorerData:
+    """One row per executed chunk. ``safe`` 1 = safe and not failed; ``led_to_success``: the
+    chunk's episode succeeded; ``episode``: an id for episode-wise splits."""
+    features: np.ndarray   # [N, F]
+    state: np.ndarray      # [N, S]
+    mean: np.ndarray       # [N, H, A]
+    actions: np.ndarray    # [N, H, A]
+    safe: np.ndarray       # [N] float32 {0, 1}
+    advantage: np.ndarray  # [N] float32
+    led_to_success: np.ndarray  # [N] bool
+    episode: np.ndarray    # [N] int64
+
+    def __len__(self) -> int:
+        return int(self.safe.shape[0])
+
+    def select(self, mask: np.ndarray) -> "ScorerData":
+        return ScorerData(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
+
+    @classmethod
+    def concat(cls, parts: list["ScorerData"]) -> "ScorerData":
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts])
+                     for f in dataclasses.fields(cls)))
+
+
+@dataclasses.dataclass
+class TrainedScorer:
+    model: ChunkScorer
+    threshold: float
+    temperature: float
+    metrics: dict
+
+    def onnx_bytes(self) -> bytes:
+        return scorer_onnx_bytes(self.model)
+
+    def manifest_entry(self) -> dict:
+        """The artifact manifest's ``verifier`` key."""
+        c = self.model.config
+        return {"file": "verifier.onnx", "inputs": ["features", "state", "mean", "actions"],
+                "outputs": ["p_safe", "advantage", "logit"], "threshold": self.threshold,
+                "temperature": self.temperature, "features": c.features,
+                "state_dim": c.state_dim, "horizon": c.horizon, "action_dim": c.action_dim,
+                "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}}
+
+
+def chunk_labels(chunk_ticks: list[tuple[int, int]], clamped: np.ndarray, episode_len: int,
+                 success: bool, lookahead: int) -> np.ndarray:
+    """Safety labels (1 safe, 0 unsafe) for an episode's chunks.
+
+    ``chunk_ticks``: [(first tick, ticks executed)] per chunk; ``clamped`` [episode_len] bool:
+    the envelope intervened at that tick; failure = the episode ended without success."""
+    clamped = np.asarray(clamped, bool)
+    out = np.ones(len(chunk_ticks), np.float32)
+    for i, (start, n) in enumerate(chunk_ticks):
+        end = start + max(int(n), 1)
+        if clamped[start:min(end + lookahead, episode_len)].any():
+            out[i] = 0.0
+        elif not success and end + lookahead >= episode_len:
+            out[i] = 0.0
+    return out
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    out = np.zeros(len(rewards), np.float64)
+    acc = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        acc = float(rewards[i]) + gamma * acc
+        out[i] = acc
+    return out
+
+
+def focal_loss(logit: torch.Tensor, safe: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """Focal loss (Lin et al.) with the unsafe class (safe == 0) weighted by ``alpha``."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, safe, reduction="none")
+    p = torch.sigmoid(logit)
+    p_true = torch.where(safe > 0.5, p, 1 - p)
+    weight = torch.where(safe > 0.5, 1 - alpha, alpha) * 2.0
+    return (weight * (1 - p_true) ** gamma * bce).mean()
+
+
+def _tensors(d: ScorerData):
+    return (torch.from_numpy(d.features.astype(np.float32)), torch.from_numpy(d.state.astype(np.float32)),
+            torch.from_numpy(d.mean.astype(np.float32)), torch.from_numpy(d.actions.astype(np.float32)))
+
+
+def fit_temperature(logit: np.ndarray, safe: np.ndarray) -> float:
+    """The temperature minimizing the NLL of ``sigmoid(logit / T)`` (grid, then refine)."""
+    logit, safe = np.asarray(logit, np.float64), np.asarray(safe, np.float64)
+
+    def nll(t):
+        z = logit / t
+        return float(np.mean(np.logaddexp(0, -z) * safe + np.logaddexp(0, z) * (1 - safe)))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
+    best = grid[int(np.argmin([nll(t) for t in grid]))]
+    fine = np.linspace(best * 0.9, best * 1.1, 41)
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])
+
+
+def pick_threshold(p_safe: np.ndarray, good: np.ndarray, max_false_reject: float) -> float:
+    """The largest threshold that rejects at most ``max_false_reject`` of the ``good`` chunks."""
+    p = np.sort(np.asarray(p_safe, np.float64)[np.asarray(good, bool)])
+    if len(p) == 0:
+        return 0.0
+    k = int(np.floor(max_false_reject * len(p)))
+    return float(max(0.0, p[k] - 1e-6)) if k < len(p) else float(p[-1])
+
+
+def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig(),
+                 model: ChunkScorer | None = None) -> TrainedScorer:
+    """Train (or continue training) a scorer, calibrate it on held-out episodes."""
+    c = config
+    if len(data) < 8:
+        raise ValueError(f"train_scorer: {len(data)} chunks are too few to train a scorer; "
+                         f"collect more episodes")
+    gen = torch.Generator().manual_seed(c.seed)
+    rng = np.random.default_rng(c.seed)
+    episodes = np.unique(data.episode)
+    calib_eps = rng.choice(episodes, max(1, int(round(c.calib_fraction * len(episodes)))),
+                           replace=False)
+    is_calib = np.isin(data.episode, calib_eps)
+    train, calib = data.select(~is_calib), data.select(is_calib)
+    if len(train) == 0:
+        train = calib
+    if model is None:
+        n, h, a = data.actions.shape
+        model = ChunkScorer(ScorerConfig(features=data.features.shape[1],
+                                         state_dim=data.state.shape[1], horizon=h, action_dim=a))
+    model.temperature.fill_(1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    x = _tensors(train)
+    safe = torch.from_numpy(train.safe.astype(np.float32))
+    adv = torch.from_numpy(train.advantage.astype(np.float32))
+    model.train()
+    sums = {"focal": 0.0, "adv_mse": 0.0}
+    steps = 0
+    for _ in range(c.epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        for s in range(0, len(train), c.minibatch):
+            idx = perm[s:s + c.minibatch]
+            _, a_hat, logit = model(*(t[idx] for t in x))
+            fl = focal_loss(logit, safe[idx], c.focal_gamma, c.focal_alpha)
+            mse = torch.nn.functional.mse_loss(a_hat, adv[idx])
+            loss = fl + c.adv_coef * mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sums["focal"] += fl.item()
+            sums["adv_mse"] += mse.item()
+            steps += 1
+    model.eval()
+    with torch.no_grad():
+        _, _, logit_c = model(*_tensors(calib))
+    logit_c = logit_c.numpy()
+    temperature = fit_temperature(logit_c, calib.safe)
+    model.temperature.fill_(temperature)
+    p_c = 1.0 / (1.0 + np.exp(-logit_c / temperature))
+    good = (calib.safe > 0.5) & calib.led_to_success
+    threshold = pick_threshold(p_c, good, c.max_false_reject)
+    metrics = {"chunks_train": len(train), "chunks_calib": len(calib),
+               "unsafe_frac": float(1 - data.safe.mean()), "steps": steps,
+               "loss_focal": sums["focal"] / max(steps, 1), "loss_adv": sums["adv_mse"] / max(steps, 1),
+               "calib_ece": expected_calibration_error(p_c, calib.safe)}
+    log.info("scorer: %d chunks (%.1f%% unsafe), temperature %.3f, threshold %.3f, calib ECE %.4f",
+             len(data), 100 * metrics["unsafe_frac"], temperature, threshold, metrics["calib_ece"])
+    return TrainedScorer(model, threshold, temperature, metrics)
+
+
+def predict(model: ChunkScorer, data: ScorerData) -> tuple[np.ndarray, np.ndarray]:
+    """(p_safe, advantage) for every chunk of ``data`` (torch, for evaluation)."""
+    with torch.no_grad():
+        p, a, _ = model.eval()(*_tensors(data))
+    return p.numpy(), a.numpy()

@@ -1,0 +1,217 @@
+"""``tether bench verifier --out FILE.json``: the learned verifier, measured side by side.
+
+1. The pretrained reference policy (cached) and a degraded copy (Gaussian noise of std
+   ``--noise`` added to every action) roll out with the verifier off, collecting training
+   chunks on their own seeds.
+2. The scorer trains on them (focal + advantage regression; temperature and threshold
+   calibrated on held-out training episodes) and is exported to ONNX.
+3. Each policy runs the same task variations (same seeds) with the verifier off / filter /
+   filter+resample: success rate with a Wilson 95% interval, mean steps, and the paired
+   difference to "off" with its 95% interval.
+4. Latency of one scheduler decision with K = 1, 4, 16 candidates (ORT on CPU, one thread),
+   ECE of P(safe) and the false-reject rate on the held-out evaluation episodes (verifier off).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+PRETRAINED = ".tether-cache/pretrained"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(max(0.0, c - h), 4), round(min(1.0, c + h), 4)]
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.asarray(a, float) - np.asarray(b, float)
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return {"diff": round(float(d.mean()), 4),
+            "ci95": [round(float(d.mean() - 1.96 * se), 4), round(float(d.mean() + 1.96 * se), 4)]}
+
+
+def rollouts(runner, tasks, episodes, seed, scheduler_for, noise, log):
+    from sim.metaworld_robot import MetaWorldRobot
+    from sim.verifier_rollout import run_episode
+    from verifier.envelope import Envelope
+
+    out = []
+    for ti, task in enumerate(tasks):
+        robot = MetaWorldRobot(task, seed=seed + 101 * ti)
+        envelope = Envelope(robot.describe())
+        scheduler = scheduler_for(envelope)
+        rng = np.random.default_rng(seed * 31 + ti)
+        try:
+            out.extend(run_episode(robot, runner, scheduler, envelope, rng, noise=noise)
+                       for _ in range(episodes))
+        finally:
+            robot.close()
+    log(f"  {len(out)} episodes, success {np.mean([e.success for e in out]):.3f}")
+    return out
+
+
+def to_data(episodes, lookahead: int, gamma: float, baseline: dict | None, first_id: int):
+    """Episodes -> ScorerData; returns (data, baseline) with baseline {(task, i): mean return}."""
+    from learner.verifier_train import ScorerData, chunk_labels, discounted_returns
+
+    parts, returns = [], []
+    for e in episodes:
+        if not e.rows:
+            continue
+        safe = chunk_labels([(r["start"], r["n"]) for r in e.rows], e.clamped, e.steps,
+                            e.success, lookahead)
+        g = discounted_returns(np.array([r["reward"] for r in e.rows]), gamma)
+        returns.append((e.task, g))
+        parts.append((e, safe, g))
+    if baseline is None:
+        acc: dict = {}
+        for task, g in returns:
+            for i, x in enumerate(g):
+                acc.setdefault((task, i), []).append(x)
+        baseline = {k: float(np.mean(v)) for k, v in acc.items()}
+        baseline["_scale"] = float(np.std([x for _, g in returns for x in g]) or 1.0)
+    scale = baseline["_scale"]
+    rows = []
+    for j, (e, safe, g) in enumerate(parts):
+        adv = [(x - baseline.get((e.task, i), np.mean(g))) / scale for i, x in enumerate(g)]
+        rows.append(ScorerData(
+            features=np.stack([r["features"] for r in e.rows]),
+            state=np.stack([r["state"] for r in e.rows]),
+            mean=np.stack([r["mean"] for r in e.rows]),
+            actions=np.stack([r["actions"] for r in e.rows]),
+            safe=safe, advantage=np.asarray(adv, np.float32),
+            led_to_success=np.full(len(e.rows), e.success),
+            episode=np.full(len(e.rows), first_id + j, np.int64)))
+    return ScorerData.concat(rows), baseline
+
+
+def latency(scorer, runner, ks, reps: int) -> list[dict]:
+    from verifier.metrics import percentiles_ms
+    from verifier.scheduler import SchedulerConfig, VerifierScheduler
+    from sim.verifier_rollout import make_draw
+
+    out = runner.infer(runner.synthetic_observation())
+    state = np.zeros(runner.manifest.inputs["state_dim"], np.float32)
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in ks:
+        s = VerifierScheduler(scorer, SchedulerConfig(mode="filter", k=k, threshold=0.0))
+        draw = make_draw(out.mean, out.log_std, rng, 1.0, 0.0)
+        secs = []
+        for i in range(reps + 20):
+            _, v = s.choose(draw, runner.horizon, runner.action_dim, features=out.features,
+                            state=state, mean=out.mean)
+            if i >= 20:
+                secs.append(v.seconds)
+        rows.append({"k": k, **percentiles_ms(secs), "reps": reps})
+    return rows
+
+
+def run(args, log=print) -> dict:
+    from learner.pretrain import ensure_pretrained
+    from learner.verifier_train import ScorerTrainConfig, predict, train_scorer
+    from runtime.policy import PolicyRunner
+    from sim.tasks import DEFAULT_TASKS
+    from verifier.metrics import expected_calibration_error, false_reject_rate
+    from verifier.scheduler import SchedulerConfig, VerifierScheduler
+    from verifier.scorer import OnnxScorer
+
+    t0 = time.monotonic()
+    tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
+    artifact = ensure_pretrained(DEFAULT_TASKS, PRETRAINED, log=log)
+    runner = PolicyRunner(artifact, seed=args.seed)
+    policies = {"reference": 0.0, "degraded": args.noise}
+    off = lambda env: VerifierScheduler(None, SchedulerConfig(mode="off"), env)  # noqa: E731
+    tcfg = ScorerTrainConfig(lookahead_ticks=args.lookahead, seed=args.seed)
+    log("collecting training episodes (verifier off)")
+    train_eps = []
+    for i, (name, noise) in enumerate(policies.items()):
+        train_eps += rollouts(runner, tasks, args.train_episodes, 50_000 + 1000 * i, off, noise, log)
+    data, baseline = to_data(train_eps, tcfg.lookahead_ticks, 0.9, None, 0)
+    trained = train_scorer(data, tcfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "verifier.onnx"
+        path.write_bytes(trained.onnx_bytes())
+        scorer = OnnxScorer(path, trained.threshold, state_mean=runner._state_mean,
+                             state_std=runner._state_std)
+        results, held_out, per_episode = [], [], {}
+        for name, noise in policies.items():
+            for mode in ("off", "filter", "resample"):
+                log(f"evaluating {name} / {mode}")
+                make = (off if mode == "off" else
+                        (lambda env, m=mode: VerifierScheduler(
+                            scorer, SchedulerConfig(mode=m, k=args.k, budget_ms=args.budget_ms,
+                                                    max_rounds=args.max_rounds), env)))
+                eps = rollouts(runner, tasks, args.episodes, args.seed, make, noise, log)
+                wins = np.array([e.success for e in eps], float)
+                per_episode[(name, mode)] = wins
+                row = {"policy": name, "mode": mode, "episodes": len(eps),
+                       "success_rate": round(float(wins.mean()), 4),
+                       "ci95": wilson(int(wins.sum()), len(eps)),
+                       "mean_steps": round(float(np.mean([e.steps for e in eps])), 2),
+                       "hold_ticks_per_episode": round(float(np.mean([e.holds for e in eps])), 2),
+                       "by_task": {t: round(float(np.mean([e.success for e in eps if e.task == t])), 4)
+                                   for t in tasks}}
+                if mode != "off":
+                    row["vs_off"] = paired_ci(wins, per_episode[(name, "off")])
+                results.append(row)
+                if mode == "off":
+                    held_out += eps
+        lat = latency(scorer, runner, (1, 4, 16), args.latency_reps)
+    test, _ = to_data(held_out, tcfg.lookahead_ticks, 0.9, baseline, 10 ** 6)
+    p, _ = predict(trained.model, test)
+    good = (test.safe > 0.5) & test.led_to_success
+    return {
+        "success": results, "latency_ms": lat,
+        "ece": round(expected_calibration_error(p, test.safe), 4),
+        "false_reject_rate": round(false_reject_rate(p, good, trained.threshold), 4),
+        "held_out_chunks": len(test), "held_out_unsafe_frac": round(float(1 - test.safe.mean()), 4),
+        "threshold": round(trained.threshold, 4), "temperature": round(trained.temperature, 4),
+        "train": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in trained.metrics.items()},
+        "settings": {"tasks": list(tasks), "k": args.k, "noise": args.noise,
+                     "budget_ms": args.budget_ms, "max_rounds": args.max_rounds,
+                     "train_episodes_per_task_and_policy": args.train_episodes,
+                     "episodes_per_task": args.episodes, "lookahead_ticks": args.lookahead,
+                     "seed": args.seed, "execute_per_chunk": 4, "policy_temperature": 1.0},
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tether bench verifier", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--episodes", type=int, default=60, help="evaluation episodes per task and condition")
+    p.add_argument("--train-episodes", type=int, default=40, help="training episodes per task and policy")
+    p.add_argument("--tasks", default="", help="comma-separated Meta-World tasks (default: the fleet's)")
+    p.add_argument("--k", type=int, default=16, help="candidates per chunk")
+    p.add_argument("--noise", type=float, default=0.5, help="action noise std of the degraded policy")
+    p.add_argument("--budget-ms", type=float, default=10.0, help="resample budget per chunk")
+    p.add_argument("--max-rounds", type=int, default=4, help="sampling rounds in resample mode")
+    p.add_argument("--lookahead", type=int, default=8, help="T: ticks after a chunk for its label")
+    p.add_argument("--latency-reps", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.episodes < 2 or a.train_episodes < 2:
+        p.error("--episodes and --train-episodes must be >= 2")
+    result = run(a)
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    for r in result["success"]:
+        print(f"{r['policy']:9s} {r['mode']:8s} success {r['success_rate']:.3f} {r['ci95']} "
+              f"steps {r['mean_steps']:.1f} {r.get('vs_off', '')}")
+    print("latency", result["latency_ms"], "ece", result["ece"], "false_reject",
+          result["false_reject_rate"])
+    return 0

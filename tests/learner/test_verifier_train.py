@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from learner.verifier_train import (ScorerData, ScorerTrainConfig, chunk_labels, fit_temperature,
+                                    pick_threshold, train_scorer)
+from verifier.scorer import OnnxScorer
+
+
+def test_labels_mark_interventions_and_failure_within_lookahead():
+    clamped = np.zeros(20, bool)
+    clamped[9] = True
+    chunks = [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]
+    ok = chunk_labels(chunks, clamped, 20, success=True, lookahead=2)
+    assert ok.tolist() == [1, 0, 0, 1, 1]  # chunk 1 ends at 8, tick 9 is within T=2
+    failed = chunk_labels(chunks, np.zeros(20, bool), 20, success=False, lookahead=4)
+    assert failed.tolist() == [1, 1, 1, 0, 0]
+
+
+def test_threshold_and_temperature():
+    p = np.linspace(0, 1, 101)
+    assert (p[p >= pick_threshold(p, np.ones(101, bool), 0.05)]).size >= 95
+    rng = np.random.default_rng(0)
+    logit = rng.normal(0, 3, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-logit / 3))).astype(float)
+    assert fit_temperature(logit, y) == pytest.approx(3.0, rel=0.2)
+
+
+def _synthetic(n=600, seed=0):
+    """Chunks far from the policy mean are unsafe."""
+    rng = np.random.default_rng(seed)
+    mean = rng.uniform(-0.5, 0.5, (n, 8, 4)).astype(np.float32)
+    dev = rng.normal(0, 1, (n, 1, 1)) * rng.normal(0, 1, (n, 8, 4))
+    actions = (mean + 0.5 * dev).astype(np.float32)
+    d = np.abs(actions - mean).mean(axis=(1, 2))
+    safe = (d < np.quantile(d, 0.7)).astype(np.float32)
+    return ScorerData(features=rng.normal(size=(n, 64)).astype(np.float32),
+                      state=rng.normal(size=(n, 4)).astype(np.float32), mean=mean,
+                      actions=actions, safe=safe, advantage=(-d).astype(np.float32),
+                      led_to_success=safe > 0, episode=np.arange(n) // 10)
+
+
+def test_scorer_learns_exports_and_scores_batched(tmp_path):
+    trained = train_scorer(_synthetic(), ScorerTrainConfig(epochs=40))
+    path = tmp_path / "verifier.onnx"
+    path.write_bytes(trained.onnx_bytes())
+    scorer = OnnxScorer(path, trained.threshold)
+    test = _synthetic(200, seed=1)
+    ps = []
+    for i in range(0, 200, 16):  # K = 16 candidates per call
+        p, adv = scorer.score(test.features[i], test.state[i], test.mean[i], test.actions[i:i + 16])
+        assert p.shape == adv.shape == (len(test.actions[i:i + 16]),)
+        ps.append(p)
+    p = np.concatenate(ps)
+    assert np.all((p >= 0) & (p <= 1))
+    # ranks safe chunks above unsafe ones much better than chance
+    assert p[test.safe > 0].mean() > p[test.safe == 0].mean() + 0.2
+    entry = trained.manifest_entry()
+    assert entry["file"] == "verifier.onnx" and 0 <= entry["threshold"] <= 1
