@@ -126,7 +126,7 @@ def test_node_over_dds_commands_holds_and_follows_the_lifecycle(loopback, tmp_pa
         arm.send("camera off")
         level, message, values = diag.wait_for("front stale")
         assert level == 1 and values["state"] == "active"
-        time.sleep(0.3)
+        time.sleep(0.5)  # the hold, and anything in flight on a loaded machine, has arrived
         n_hold = len(arm.commands())
         time.sleep(0.6)
         assert len(arm.commands()) == n_hold, "commands while holding on stale images"
@@ -148,6 +148,7 @@ def test_node_over_dds_commands_holds_and_follows_the_lifecycle(loopback, tmp_pa
         # deactivate holds and stops commanding; activate resumes; cleanup unconfigures
         core.deactivate()
         diag.wait_for("inactive")
+        time.sleep(0.3)  # let commands already in flight on a loaded machine arrive
         n = len(arm.commands())
         time.sleep(0.4)
         assert len(arm.commands()) == n
