@@ -192,6 +192,7 @@ class RobotNode:
             "versions_run": w.versions(), "episodes": episodes, "successes": successes,
             "success_by_version": by_version,
             "records_spooled": self.spool.records_spooled, "records_acked": self.spool.records_acked,
+            "records_dropped": self.recorder.records_dropped,  # spool full or disk error
             "spool_pending": self.spool.pending(), "control": self.loop.stats(),
             "swap_stall_ticks": self.swap_stall_ticks, "swaps": w.swaps,
             "verifier": {**self.gate.stats(), "by_reason": self.envelope.stats()},

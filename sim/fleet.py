@@ -229,6 +229,9 @@ def check(summary: dict) -> list[str]:
     if not summary["transitions_sent"] == summary["transitions_acked"] == summary["transitions_stored"]:
         problems.append(f"transitions sent {summary['transitions_sent']}, acked "
                         f"{summary['transitions_acked']}, stored {summary['transitions_stored']} differ")
+    if summary["transitions_dropped"]:
+        problems.append(f"{summary['transitions_dropped']} transitions dropped before the spool "
+                        f"(spool full or disk error)")
     if summary["swap_stall_ticks"]:
         problems.append(f"{summary['swap_stall_ticks']} ticks without an action during swaps")
     bad = {r: c for r, c in summary["robot_exit_codes"].items() if c != 0}

@@ -26,6 +26,7 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
         "transitions_sent": sum(int(s.get("records_spooled", 0)) for s in statuses),
         "transitions_acked": sum(int(s.get("records_acked", 0)) for s in statuses),
         "transitions_stored": int(learner.get("records_stored", 0)),
+        "transitions_dropped": sum(int(s.get("records_dropped", 0)) for s in statuses),
         "duplicates_dropped": int(learner.get("duplicates_dropped", 0)),
         "versions_published": int(learner.get("versions_published", 0)),
         "latest_version": int(learner.get("latest_version", 0)),
@@ -49,7 +50,7 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
         },
         "per_robot": [{k: s.get(k) for k in ("robot_id", "task", "policy_version", "versions_run",
                                              "episodes", "successes", "records_spooled",
-                                             "records_acked")} for s in statuses],
+                                             "records_acked", "records_dropped")} for s in statuses],
     }
 
 

@@ -29,6 +29,8 @@ def test_check_reports_loss_stalls_and_crashes():
                          {"records_stored": 9}, 1.0)
     problems = check(dict(s, robot_exit_codes={"a": -9}))
     assert len(problems) == 3 and "differ" in problems[0]
+    dropped = dict(s, transitions_dropped=4, robot_exit_codes={"a": 0})
+    assert any("4 transitions dropped" in p for p in check(dropped))
 
 
 def test_learning_curve_bins_new_episodes():
