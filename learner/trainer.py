@@ -30,6 +30,7 @@ from learner.export import config_from_manifest
 from learner.model import ReferenceVLA, gaussian_log_prob
 from learner.registry import Registry
 from learner.store import ExperienceStore
+from learner.verifier_fleet_train import FleetScorerConfig, train_fleet_scorer
 from tether.wire import tether_pb2 as pb
 
 log = logging.getLogger("tether.learner.trainer")
@@ -55,6 +56,9 @@ class TrainerConfig:
     read_limit: int = 512
     max_pending_records: int = 50_000  # incomplete episodes held; oldest dropped beyond this
     ess_scaled_lr: bool = True
+    # the verifier scorer shipped with each version; off by default: a scorer trained on the
+    # first few episodes vetoes most candidates and stalls robots (fleet e2e); opt in with every=1
+    verifier: FleetScorerConfig = FleetScorerConfig(every=0)
     seed: int = 0
 
     def __post_init__(self):
@@ -121,6 +125,7 @@ class Trainer:
         self.versions_published = 0
         self.last_metrics: dict = {}
         self.error: BaseException | None = None
+        self._scorer = None  # the last trained verifier scorer (learner.verifier_train)
 
     # -- background loop ---------------------------------------------------------------------
     def start(self) -> None:
@@ -185,13 +190,32 @@ class Trainer:
         return self.publish(now)
 
     def publish(self, now: float | None = None):
-        manifest = self.registry.publish(self.model, optimizer_state=self.optimizer.state_dict())
+        manifest = self.registry.publish(self.model, optimizer_state=self.optimizer.state_dict(),
+                                         verifier=self._train_verifier())
         self.version = manifest.version
         self.versions_published += 1
         self._new_since_publish = 0
         self._last_publish = time.monotonic() if now is None else now
         log.info("published version %d (%d train steps)", self.version, self.train_steps)
         return manifest
+
+    def _train_verifier(self):
+        """The chunk scorer to ship with the version being published: retrained on the replay
+        window every ``verifier.every`` publishes; else (or with too little data) the last one."""
+        c = self.config.verifier
+        if c.every == 0:
+            return None
+        if self.versions_published % c.every == 0:
+            flat, ep_index, _, _, _ = self._select([r for ep in self._replay for r in ep])
+            episodes = [[flat[i] for i in np.nonzero(ep_index == e)[0]] for e in np.unique(ep_index)]
+            try:
+                trained = train_fleet_scorer(self.model, self.spec, episodes, self.config.gamma,
+                                             c, previous=self._scorer)
+            except ValueError as e:  # a scorer is optional: publish the policy regardless
+                log.warning("verifier scorer not retrained for this version: %s", e)
+                trained = None
+            self._scorer = trained or self._scorer
+        return self._scorer
 
     # -- one update ----------------------------------------------------------------------------
     def _select(self, records: list[pb.ChunkRecord]):

@@ -6,7 +6,8 @@
 2. The scorer trains on them (focal + advantage regression; temperature and threshold
    calibrated on held-out training episodes) and is exported to ONNX.
 3. Each policy runs the same task variations (same seeds) with the verifier off / filter /
-   filter+resample: success rate with a Wilson 95% interval, mean steps, and the paired
+   filter+resample (P(safe) vetoes, passing candidates are ranked as in ``SchedulerConfig``:
+   by default nearest the policy mean; ``--advantage-weight`` / ``--safety-weight`` change it): success rate with a Wilson 95% interval, mean steps, and the paired
    difference to "off" with its 95% interval.
 4. Latency of one scheduler decision with K = 1, 4, 16 candidates (ORT on CPU, one thread),
    ECE of P(safe) and the false-reject rate on the held-out evaluation episodes (verifier off).
@@ -153,7 +154,10 @@ def run(args, log=print) -> dict:
                 make = (off if mode == "off" else
                         (lambda env, m=mode: VerifierScheduler(
                             scorer, SchedulerConfig(mode=m, k=args.k, budget_ms=args.budget_ms,
-                                                    max_rounds=args.max_rounds), env)))
+                                                    max_rounds=args.max_rounds,
+                                                    advantage_weight=args.advantage_weight,
+                                                    safety_weight=args.safety_weight,
+                                                    proximity_weight=args.proximity_weight), env)))
                 eps = rollouts(runner, tasks, args.episodes, args.seed, make, noise, log)
                 wins = np.array([e.success for e in eps], float)
                 per_episode[(name, mode)] = wins
@@ -182,6 +186,9 @@ def run(args, log=print) -> dict:
         "train": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in trained.metrics.items()},
         "settings": {"tasks": list(tasks), "k": args.k, "noise": args.noise,
                      "budget_ms": args.budget_ms, "max_rounds": args.max_rounds,
+                     "advantage_weight": args.advantage_weight,
+                     "safety_weight": args.safety_weight,
+                     "proximity_weight": args.proximity_weight,
                      "train_episodes_per_task_and_policy": args.train_episodes,
                      "episodes_per_task": args.episodes, "lookahead_ticks": args.lookahead,
                      "seed": args.seed, "execute_per_chunk": 4, "policy_temperature": 1.0},
@@ -199,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.5, help="action noise std of the degraded policy")
     p.add_argument("--budget-ms", type=float, default=10.0, help="resample budget per chunk")
     p.add_argument("--max-rounds", type=int, default=4, help="sampling rounds in resample mode")
+    p.add_argument("--proximity-weight", type=float, default=1.0,
+                   help="ranking weight of a candidate's distance from the policy mean")
+    p.add_argument("--advantage-weight", type=float, default=0.0,
+                   help="ranking weight of the predicted advantage among passing candidates")
+    p.add_argument("--safety-weight", type=float, default=0.0,
+                   help="ranking weight of P(safe) among passing candidates")
     p.add_argument("--lookahead", type=int, default=8, help="T: ticks after a chunk for its label")
     p.add_argument("--latency-reps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

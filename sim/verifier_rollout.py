@@ -41,6 +41,15 @@ def make_draw(mean, log_std, rng: np.random.Generator, temperature: float, noise
     return draw
 
 
+def intervention(envelope: Envelope, want: np.ndarray, sent: np.ndarray) -> float:
+    """How far the envelope moved a command beyond plain saturation at the action bounds
+    (saturating at a bound is routine for these policies, not unsafe); non-finite -> inf."""
+    want = np.asarray(want, np.float64)
+    if not np.all(np.isfinite(want)):
+        return float("inf")
+    return float(np.max(np.abs(np.clip(want, envelope.low, envelope.high) - sent)))
+
+
 def run_episode(robot, runner: PolicyRunner, scheduler: VerifierScheduler, envelope: Envelope,
                 rng: np.random.Generator, *, noise: float = 0.0, temperature: float = 1.0,
                 execute: int = 4, tolerance: float = 0.2) -> Episode:
@@ -79,9 +88,7 @@ def run_episode(robot, runner: PolicyRunner, scheduler: VerifierScheduler, envel
             cmd, was_clamped, _ = envelope.apply(want, last_cmd, obs.state)
             res = robot.send_action(cmd)
             last_cmd = cmd
-            # saturating a command at its bound is routine; a larger change is an intervention
-            clamped_ticks.append(bool(was_clamped) and float(np.max(np.abs(
-                np.nan_to_num(want, nan=1e9) - cmd))) > tolerance)
+            clamped_ticks.append(bool(was_clamped) and intervention(envelope, want, cmd) > tolerance)
             if row is not None:
                 row["n"] += 1
                 row["reward"] += res.reward

@@ -2,8 +2,13 @@
 
 Modes:
   off       one candidate; only the invariants (shape, finite values) are checked
-  filter    K candidates from one batched draw; the scorer's P(safe) must reach the threshold;
-            of those that pass, the best by ``P(safe) + advantage_weight * advantage`` wins
+  filter    K candidates from one batched draw; the scorer's P(safe) must reach the threshold
+            (a veto for clearly unsafe chunks); of those that pass, the best by
+            ``advantage_weight * advantage + safety_weight * P(safe) - proximity_weight * d``
+            wins, where d is the candidate's mean squared distance from the policy mean
+            (normalized units). Ranking by P(safe) alone favours timid chunks, and the maximum
+            of a learned advantage over K draws picks its extrapolation errors; the proximity
+            term prefers the policy's own most likely chunk among those that pass
   resample  as filter; if none passes, draw K more while rounds and the time budget allow
 If none passes, the verdict has ``chosen == -1``: the caller keeps the previous chunk's
 remainder or holds. Candidates carry only actions that are not yet committed: the caller puts
@@ -34,7 +39,9 @@ class SchedulerConfig:
     threshold: float | None = None   # None: the scorer's calibrated threshold
     max_rounds: int = 4              # sampling rounds in resample mode (1 + resamples)
     budget_ms: float = 10.0          # no new round starts after this much time
-    advantage_weight: float = 0.1    # small: the advantage head extrapolates on outliers
+    advantage_weight: float = 0.0    # ranking: weight of the predicted advantage
+    safety_weight: float = 0.0       # ranking: weight of P(safe) (the threshold vetoes anyway)
+    proximity_weight: float = 1.0    # ranking: weight of the distance from the policy mean
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -104,7 +111,11 @@ class VerifierScheduler:
             drawn.append(cand)
             rejected += int((~ok).sum())
             if ok.any():
-                rank = np.where(ok, p + c.advantage_weight * adv, -np.inf)
+                rank = c.advantage_weight * adv + c.safety_weight * p
+                if mean is not None and c.proximity_weight:
+                    dev = np.where(finite[:, None, None], cand - np.asarray(mean, np.float32), 0)
+                    rank = rank - c.proximity_weight * np.mean(dev * dev, axis=(1, 2))
+                rank = np.where(ok, rank, -np.inf)
                 chosen = base + int(np.argmax(rank))
                 break
             reason = ("non-finite candidate" if not finite.any()

@@ -37,11 +37,25 @@ def test_off_mode_checks_invariants_only():
 
 def test_filter_picks_the_best_passing_candidate_from_one_batched_call():
     scorer = FakeScorer()
-    s = VerifierScheduler(scorer, SchedulerConfig(mode="filter", k=4))
+    s = VerifierScheduler(scorer, SchedulerConfig(mode="filter", k=4, advantage_weight=1.0,
+                                                  proximity_weight=0.0))
     chunk, v = s.choose(drawer([2.0, 0.3, 0.1, np.inf]), H, A)
     assert scorer.calls == [4] and v.candidates == 4 and v.rounds == 1
     assert v.chosen == 2 and chunk[0, 0] == pytest.approx(0.1)
     assert v.rejected == 2 and len(v.scores) == 4 and v.scores[3] == 0.0
+
+
+def test_default_ranking_prefers_the_passing_candidate_nearest_the_policy_mean():
+    """P(safe) only vetoes; among the passing candidates the one nearest the policy's mean
+    wins by default (not the safest-looking, not the learned advantage's maximum)."""
+    s = VerifierScheduler(FakeScorer(), SchedulerConfig(mode="filter", k=4))
+    mean = np.full((H, A), 0.5, np.float32)
+    chunk, v = s.choose(drawer([0.0, 0.45, 0.62, 3.0]), H, A, mean=mean)
+    assert v.chosen == 1 and chunk[0, 0] == pytest.approx(0.45)
+    assert v.rejected == 1  # 3.0 fails the veto: P(safe) = exp(-3) < 0.5
+    mixed = VerifierScheduler(FakeScorer(), SchedulerConfig(mode="filter", k=2, safety_weight=1.0,
+                                                            proximity_weight=0.0))
+    assert mixed.choose(drawer([0.4, 0.1]), H, A, mean=mean)[1].chosen == 1
 
 
 def test_filter_holds_when_none_passes_and_resample_draws_again():

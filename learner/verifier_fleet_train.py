@@ -1,0 +1,99 @@
+"""The chunk scorer trained in the live learner, from the fleet's stored records (torch).
+
+At publish time the trainer turns its replay window of complete episodes into ``ScorerData``
+with the policy that is being published (so ``features`` and ``mean`` are what that version
+will hand the scorer on the robot):
+
+- safety label: ``chunk_labels`` over the episode's ticks, a chunk's executed span counting as
+  intervened when its record says ``verifier.actions_clamped > 0``; failure = the episode ended
+  (terminated or truncated) without ``success``;
+- advantage: discounted chunk-level returns minus the value head's estimate, normalized;
+- candidate chunk: the executed rows at their offsets, the policy mean elsewhere.
+
+Cheap by design (the fleet runs on 2 cores): one no-grad pass over at most the replay window,
+a few epochs of the small scorer, warm-started from the previous version's scorer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from learner.batches import decode
+from learner.verifier_train import (ScorerData, ScorerTrainConfig, TrainedScorer, chunk_labels,
+                                    discounted_returns, train_scorer)
+
+log = logging.getLogger("tether.learner.verifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetScorerConfig:
+    every: int = 1                 # train a scorer at every n-th publish (0: never)
+    min_chunks: int = 64           # fewer usable chunks: ship the previous scorer (or none)
+    min_episodes: int = 4          # episode-wise calibration split needs a few episodes
+    train: ScorerTrainConfig = ScorerTrainConfig(epochs=8)
+
+    def __post_init__(self):
+        if self.every < 0 or self.min_chunks < 8 or self.min_episodes < 2:
+            raise ValueError(f"FleetScorerConfig: every >= 0, min_chunks >= 8, "
+                             f"min_episodes >= 2: {self}")
+
+
+def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
+                minibatch: int = 64) -> ScorerData | None:
+    """``episodes``: complete, usable episodes of records (sorted by seq). None if empty."""
+    flat = [r for ep in episodes for r in ep]
+    if not flat:
+        return None
+    batch = decode(flat, spec)
+    feats, means, values = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(batch), minibatch):
+            part = batch.select(torch.arange(s, min(s + minibatch, len(batch))))
+            mean, _, f = model(*part.inputs())
+            _, _, v = model.policy_and_value(*part.inputs())
+            feats.append(f)
+            means.append(mean)
+            values.append(v)
+    mean = torch.cat(means)
+    rows = batch.row_mask.unsqueeze(-1) > 0
+    actions = torch.where(rows, batch.actions, mean).numpy()
+    values = torch.cat(values).double().numpy()
+    safe, adv, success, episode = [], [], [], []
+    i = 0
+    for e, ep in enumerate(episodes):
+        n = np.array([max(len(r.offsets), 1) for r in ep])
+        start = np.concatenate([[0], np.cumsum(n)[:-1]])
+        clamped = np.repeat([r.verifier.actions_clamped > 0 for r in ep], n)
+        won = any(r.success for r in ep)
+        safe.append(chunk_labels(list(zip(start, n)), clamped, int(n.sum()), won, lookahead))
+        g = discounted_returns(np.array([r.reward for r in ep]), gamma)
+        adv.append(g - values[i:i + len(ep)])
+        success.append(np.full(len(ep), won))
+        episode.append(np.full(len(ep), e, np.int64))
+        i += len(ep)
+    adv = np.concatenate(adv)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    return ScorerData(features=torch.cat(feats).numpy(), state=batch.state.numpy(),
+                      mean=mean.numpy(), actions=actions.astype(np.float32),
+                      safe=np.concatenate(safe), advantage=adv.astype(np.float32),
+                      led_to_success=np.concatenate(success), episode=np.concatenate(episode))
+
+
+def train_fleet_scorer(model, spec, episodes: list[list], gamma: float,
+                       config: FleetScorerConfig = FleetScorerConfig(),
+                       previous: TrainedScorer | None = None) -> TrainedScorer | None:
+    """A scorer for the policy ``model`` is about to publish, or None when the data is too
+    thin (fewer than ``min_episodes`` episodes or ``min_chunks`` chunks)."""
+    if len(episodes) < config.min_episodes:
+        return None
+    data = scorer_data(model, spec, episodes, gamma, config.train.lookahead_ticks)
+    if data is None or len(data) < config.min_chunks:
+        return None
+    warm = None if previous is None else previous.model
+    trained = train_scorer(data, config.train, model=warm)
+    log.info("fleet scorer: %d chunks from %d episodes, %.1f%% unsafe, threshold %.3f",
+             len(data), len(episodes), 100 * trained.metrics["unsafe_frac"], trained.threshold)
+    return trained
