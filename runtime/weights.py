@@ -179,12 +179,12 @@ class WeightSubscriber:
                     self._wanted = None
 
     def _refuse(self, version: int, why: str) -> None:
-        self.refused += 1
         with self._cond:
             self._refused_versions.add(version)
         shutil.rmtree(self.staging_dir / f"v{version}.partial", ignore_errors=True)
         self._event(f"refused version {version}: {why}; keeping version {self.current_version}",
                     logging.ERROR)
+        self.refused += 1  # last: whoever sees the count also sees the event and a clean staging dir
 
     def _check_announcement(self, ann: pb.VersionAnnouncement) -> None:
         names = [f.name for f in ann.files]
