@@ -19,7 +19,7 @@ import threading
 import time
 
 from robots.registry import make_robot
-from runtime.chunks import ActionQueue
+from runtime.chunks import STRATEGIES, ActionQueue
 from runtime.clock import WallClock
 from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
@@ -59,8 +59,19 @@ class NodeConfig:
     drain_timeout_s: float = 30.0
     swap_window_s: float = 1.0
     metrics_port: int | None = None   # Prometheus /metrics on 127.0.0.1 (0: any free port)
+    strategy: str | None = None        # merge strategy; None: prefix if the policy accepts one
+    actions_per_chunk: int | None = None   # s; None: H - d - margin (held to d <= s <= H - d)
+    max_obs_age_s: float | None = None     # stale-observation guard; None: off
 
     def __post_init__(self):
+        if self.strategy is not None:
+            if self.strategy not in STRATEGIES:
+                raise ValueError(f"NodeConfig strategy {self.strategy!r} unknown (--strategy); "
+                                 f"choose one of {sorted(STRATEGIES)}")
+        if self.actions_per_chunk is not None and self.actions_per_chunk < 1:
+            raise ValueError(f"NodeConfig actions_per_chunk must be >= 1, got {self.actions_per_chunk}")
+        if self.max_obs_age_s is not None and self.max_obs_age_s <= 0:
+            raise ValueError(f"NodeConfig max_obs_age_s must be > 0, got {self.max_obs_age_s}")
         if not self.robot_id or not self.task:
             raise ValueError("NodeConfig needs a robot_id and a task (--robot-id, --task)")
         if self.seconds is not None and self.seconds <= 0:
@@ -97,7 +108,9 @@ class RobotNode:
         self.gate = VerifierScheduler(None, c.verifier, self.envelope)
         self.worker = InferenceWorker(self.policy, self.queue, self.clock, rate_hz=rate,
                                       gate=self.gate, margin_ticks=c.margin_ticks,
-                                      initial_latency_s=self.policy.latency["total"].quantile(0.95))
+                                      initial_latency_s=self.policy.latency["total"].quantile(0.95),
+                                      strategy=c.strategy, actions_per_chunk=c.actions_per_chunk,
+                                      max_obs_age_s=c.max_obs_age_s)
         self.spool = Spool(c.spool_dir, c.robot_id)
         self.recorder = Recorder(self.spool, c.robot_id, c.task, c.batch_records)
         self.loop = ControlLoop(self.robot, self.queue, self.envelope, self.clock, rate,
@@ -280,11 +293,19 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
     p.add_argument("--backend", default="ort", help="policy backend (runtime/backends)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: any free port)")
+    p.add_argument("--strategy", default=None,
+                   help="chunk merge: prefix | latest | ensemble | average (default: prefix when "
+                        "the policy accepts an action prefix, else latest)")
+    p.add_argument("--actions-per-chunk", type=int, default=None,
+                   help="actions executed per chunk s (held to d <= s <= H - d)")
+    p.add_argument("--max-obs-age", type=float, default=None,
+                   help="seconds after which an observation is too old to infer from")
     a = p.parse_args(argv)
     return NodeConfig(robot_id=a.robot_id, task=a.task, artifact=a.artifact, learner=a.learner,
                       spool=a.spool, status=a.status, seconds=a.seconds, seed=a.seed,
                       rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend,
-                      metrics_port=a.metrics_port)
+                      metrics_port=a.metrics_port, strategy=a.strategy,
+                      actions_per_chunk=a.actions_per_chunk, max_obs_age_s=a.max_obs_age)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,24 @@ def test_config_is_validated():
         NodeConfig(robot_id="r", task="t", artifact="x", rate_hz=0)
     with pytest.raises(ValueError, match="robot_id"):
         NodeConfig(robot_id="", task="t", artifact="x")
+    with pytest.raises(ValueError, match="did you mean|choose one of"):
+        NodeConfig(robot_id="r", task="t", artifact="x", strategy="ensemle")
+    with pytest.raises(ValueError, match="actions_per_chunk"):
+        NodeConfig(robot_id="r", task="t", artifact="x", actions_per_chunk=0)
+
+
+def test_cli_chunk_settings_reach_the_worker(artifacts, tmp_path):
+    from runtime.node import parse_args
+    config = parse_args(["--robot-id", "r", "--task", "t", "--artifact", str(artifacts / "v1"),
+                         "--spool", str(tmp_path / "s"), "--strategy", "ensemble",
+                         "--actions-per-chunk", "3", "--max-obs-age", "0.5"])
+    node = RobotNode(config, robot=PointMassRobot())
+    try:
+        assert node.worker.strategy == "ensemble"
+        assert node.worker.max_obs_age_s == 0.5
+        assert node.worker.actions_per_chunk == 3
+    finally:
+        node.stop()
 
 
 def test_tether_robot_on_metaworld_stops_cleanly_on_sigterm(artifacts, tmp_path):
