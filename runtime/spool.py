@@ -202,18 +202,26 @@ class Spool:
             out.append((batch_seq, batch))
         return out
 
+    def _take(self, batch_seq: int, counter: str) -> tuple[str, int, bytes] | None:
+        """Remove a batch from the index, add its records to ``counter``; (name, records,
+        state snapshot), or None for an unknown seq."""
+        with self._lock:
+            entry = self._index.pop(batch_seq, None)
+            if entry is None:
+                return None
+            name, n, size = entry
+            self._bytes -= size
+            setattr(self, counter, getattr(self, counter) + n)
+            return name, n, self._snapshot()
+
     def ack(self, batch_seq: int) -> None:
         """The learner stored ``batch_seq`` durably: delete its file. Unknown seqs are ignored
         (a resend acknowledged twice)."""
         with self._io:
-            with self._lock:
-                entry = self._index.pop(batch_seq, None)
-                if entry is None:
-                    return
-                name, n, size = entry
-                self._bytes -= size
-                self.records_acked += n
-                snapshot = self._snapshot()
+            taken = self._take(batch_seq, "records_acked")
+            if taken is None:
+                return
+            name, n, snapshot = taken
             (self.directory / name).unlink(missing_ok=True)
             # a crash before this write undercounts records_acked by n; the data is exact
             self._write_state(snapshot)
@@ -221,14 +229,10 @@ class Spool:
     def quarantine(self, batch_seq: int, reason: str) -> None:
         """Move a batch to ``corrupt/`` (e.g. the learner refused it as malformed)."""
         with self._io:
-            with self._lock:
-                entry = self._index.pop(batch_seq, None)
-                if entry is None:
-                    return
-                name, n, size = entry
-                self._bytes -= size
-                self.records_quarantined += n
-                snapshot = self._snapshot()
+            taken = self._take(batch_seq, "records_quarantined")
+            if taken is None:
+                return
+            name, n, snapshot = taken
             try:
                 os.replace(self.directory / name, self.directory / CORRUPT / name)
                 fsync_dir(self.directory / CORRUPT)
