@@ -24,3 +24,9 @@ def test_each_subcommand_has_help(name):
 def test_unknown_subcommand_is_an_error():
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_unknown_benchmark_suggests_the_nearest(capsys):
+    from tether.bench import main as bench
+    assert bench(["runtme"]) == 2
+    assert "did you mean 'runtime'" in capsys.readouterr().err

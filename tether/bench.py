@@ -5,9 +5,9 @@ Benchmarks are registered as ``"module:function"`` strings and imported only whe
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
 import sys
+
+from tether.names import resolve
 
 BENCHES: dict[str, str] = {
     "runtime": "sim.bench_runtime:main",
@@ -23,12 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
-    name = argv[0]
-    if name not in BENCHES:
-        near = difflib.get_close_matches(name, BENCHES, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        print(f"tether bench: unknown benchmark {name!r}{hint} (known: {sorted(BENCHES)})",
-              file=sys.stderr)
+    try:
+        entry = resolve(BENCHES, argv[0], "benchmark", "install the extras: pip install 'tether[all]'")
+    except (ValueError, ImportError) as e:
+        print(f"tether bench: {e}", file=sys.stderr)
         return 2
-    module, _, func = BENCHES[name].partition(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    return int(entry(argv[1:]) or 0)

@@ -3,12 +3,12 @@
 TensorRT, and the robot side never imports torch unless a torch backend is chosen)."""
 from __future__ import annotations
 
-import difflib
-import importlib
 import os
 from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
+
+from tether.names import resolve
 
 BACKENDS = {
     "ort": "runtime.backends.ort_backend:OrtBackend",
@@ -42,16 +42,7 @@ class PolicyBackend(Protocol):
 
 def load_backend(name: str, artifact_dir: str | os.PathLike, manifest, **options) -> PolicyBackend:
     """Build the backend registered as ``name`` with ``options`` and load the artifact into it."""
-    if name not in BACKENDS:
-        near = difflib.get_close_matches(name, BACKENDS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown policy backend {name!r}{hint} (known: {sorted(BACKENDS)})")
-    module, _, cls = BACKENDS[name].partition(":")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"policy backend {name!r} needs {e.name!r}; install it "
-                          f"({EXTRAS.get(name, '')})") from e
-    backend = getattr(mod, cls)(**options)
+    cls = resolve(BACKENDS, name, "policy backend", f"install it ({EXTRAS.get(name, '')})")
+    backend = cls(**options)
     backend.load(artifact_dir, manifest)
     return backend
