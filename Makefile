@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned to the local CPU build first, so that nothing later pulls CUDA wheels.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels) torch==2.13.0
-	$(BIN)/pip install -q -e '.[learner,sim,dds,dev]'
+	$(BIN)/pip install -q -e '.[learner,sim,dds,dev,scale]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -126,6 +126,8 @@ class Trainer:
         self.last_metrics: dict = {}
         self.error: BaseException | None = None
         self._scorer = None  # the last trained verifier scorer (learner.verifier_train)
+        # called with the model between backward() and the optimizer step (learner.distributed)
+        self.after_backward = None
 
     # -- background loop ---------------------------------------------------------------------
     def start(self) -> None:
@@ -312,6 +314,8 @@ class Trainer:
                 loss = pg + c.value_coef * value_loss + c.bc_coef * bc
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.after_backward is not None:  # data-parallel: average the gradients
+                    self.after_backward(self.model)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
                 steps += 1

@@ -39,6 +39,11 @@ class LearnerStub:
                 request_serializer=tether__pb2.ExperienceBatch.SerializeToString,
                 response_deserializer=tether__pb2.Ack.FromString,
                 _registered_method=True)
+        self.StreamExperience = channel.stream_stream(
+                '/tether.v1.Learner/StreamExperience',
+                request_serializer=tether__pb2.ExperienceBatch.SerializeToString,
+                response_deserializer=tether__pb2.Ack.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/tether.v1.Learner/Subscribe',
                 request_serializer=tether__pb2.SubscribeRequest.SerializeToString,
@@ -61,6 +66,14 @@ class LearnerServicer:
 
     def PushExperience(self, request, context):
         """Data plane: acknowledged only after the batch is durably stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamExperience(self, request_iterator, context):
+        """Data plane, streaming: one Ack per batch, in order, each only after that batch is durable.
+        Backpressure: the learner reads the next batch only when its writer has room.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +103,11 @@ def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PushExperience': grpc.unary_unary_rpc_method_handler(
                     servicer.PushExperience,
+                    request_deserializer=tether__pb2.ExperienceBatch.FromString,
+                    response_serializer=tether__pb2.Ack.SerializeToString,
+            ),
+            'StreamExperience': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamExperience,
                     request_deserializer=tether__pb2.ExperienceBatch.FromString,
                     response_serializer=tether__pb2.Ack.SerializeToString,
             ),
@@ -134,6 +152,33 @@ class Learner:
             request,
             target,
             '/tether.v1.Learner/PushExperience',
+            tether__pb2.ExperienceBatch.SerializeToString,
+            tether__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamExperience(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.Learner/StreamExperience',
             tether__pb2.ExperienceBatch.SerializeToString,
             tether__pb2.Ack.FromString,
             options,
