@@ -46,6 +46,7 @@ class Registry:
         self._publish_lock = threading.Lock()  # one publish at a time; readers never wait on it
         self._closed = False
         self.published = 0  # versions published by this process
+        self._min_version = 0  # staleness gate announced to robots (0 = none); see set_min_version
         self._latest = self._recover()
 
     # -- opening ---------------------------------------------------------------------------
@@ -107,6 +108,28 @@ class Registry:
         if not path.exists():
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    @property
+    def min_version(self) -> int:
+        with self._cond:
+            return self._min_version
+
+    def set_min_version(self, v: int) -> None:
+        """The staleness gate: robots must not start an episode on a version below ``v``.
+
+        Set by the trainer (staleness 0: robots wait for every new version); subscriber streams
+        re-announce when it changes."""
+        with self._cond:
+            if int(v) != self._min_version:
+                self._min_version = int(v)
+                self._cond.notify_all()
+
+    def wait_for_change(self, seen: tuple[int, int], timeout: float | None) -> tuple[int, int]:
+        """Block until (latest, min_version) differs from ``seen`` (or timeout / close)."""
+        with self._cond:
+            self._cond.wait_for(lambda: (self._latest, self._min_version) != tuple(seen)
+                                or self._closed, timeout)
+            return self._latest, self._min_version
 
     def wait_for_newer(self, v: int, timeout: float | None) -> int:
         """Block until a version newer than v exists (or timeout / close); return the newest.

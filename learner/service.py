@@ -42,19 +42,19 @@ class LearnerService(pb_grpc.LearnerServicer):
         return pb.Ack(robot_id=request.robot_id, batch_seq=request.batch_seq,
                       stored=stored, duplicates=duplicates)
 
-    def _announcement(self, v: int) -> pb.VersionAnnouncement:
+    def _announcement(self, v: int, min_version: int = 0) -> pb.VersionAnnouncement:
         files = self.registry.files(v)
         return pb.VersionAnnouncement(
-            version=v, manifest_sha256=files[0][1],
+            version=v, manifest_sha256=files[0][1], min_version=min_version, stage="stable",
             files=[pb.FileInfo(name=n, sha256=h, size=s) for n, h, s in files])
 
     def Subscribe(self, request: pb.SubscribeRequest, context):
-        sent = 0
+        seen = (0, 0)
         while context.is_active() and not self.registry.closed:
-            latest = self.registry.wait_for_newer(sent, timeout=SUBSCRIBE_POLL_S)
-            if latest > sent:  # latest-wins: versions published meanwhile are skipped
-                yield self._announcement(latest)
-                sent = latest
+            state = self.registry.wait_for_change(seen, timeout=SUBSCRIBE_POLL_S)
+            if state != seen and state[0] > 0:  # latest-wins: versions published meanwhile skipped
+                yield self._announcement(*state)
+                seen = state
 
     def FetchArtifact(self, request: pb.FetchRequest, context):
         try:
