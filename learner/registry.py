@@ -151,11 +151,13 @@ class Registry:
             self._cond.notify_all()
 
     # -- writing ---------------------------------------------------------------------------
-    def _save_checkpoint(self, v: int, model_state: dict | None, optimizer_state: dict | None) -> None:
+    def _save_checkpoint(self, v: int, model_state: dict | None, optimizer_state: dict | None,
+                         trainer_state: dict | None = None) -> None:
         if model_state is None:
             return
         buf = io.BytesIO()
-        torch.save({"model": model_state, "optimizer": optimizer_state}, buf)
+        # trainer_state: tensors and plain containers only (it is loaded with weights_only=True)
+        torch.save({"model": model_state, "optimizer": optimizer_state, "trainer": trainer_state}, buf)
         write_atomic(self.checkpoint_path(v), buf.getvalue())
 
     def _commit(self, tmp: pathlib.Path, v: int) -> None:
@@ -211,7 +213,8 @@ class Registry:
 
     def publish(self, model: torch.nn.Module, normalization: dict | None = None, *,
                 robot: str | None = None, control_rate_hz: float | None = None,
-                optimizer_state: dict | None = None, verifier=None) -> Manifest:
+                optimizer_state: dict | None = None, verifier=None,
+                trainer_state: dict | None = None) -> Manifest:
         """Export ``model`` as version latest + 1 (parent = latest) and announce it;
         ``verifier`` (a trained scorer) ships as ``verifier.onnx`` in the same artifact.
 
@@ -232,7 +235,7 @@ class Registry:
                 control_rate_hz=prev.control_rate_hz if control_rate_hz is None else control_rate_hz,
                 verifier=verifier)
             state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
-            self._save_checkpoint(v, state, optimizer_state)
+            self._save_checkpoint(v, state, optimizer_state, trainer_state)
             self._commit(tmp, v)
             self.published += 1
             return manifest

@@ -82,6 +82,9 @@ class WeightSubscriber:
         self._threads: list[threading.Thread] = []
         self._subscribe_call = None
         self.current_version = int(current_version)
+        # the learner's staleness gate (VersionAnnouncement.min_version): the node does not start
+        # an episode while current_version < min_version (0 = no gate)
+        self.min_version = 0
         self.fetched = 0
         self.refused = 0
         self.reconnects = 0
@@ -147,6 +150,7 @@ class WeightSubscriber:
 
     def _offer(self, ann: pb.VersionAnnouncement) -> None:
         with self._cond:
+            self.min_version = int(ann.min_version)
             newest = max(self.current_version, self._wanted.version if self._wanted else 0)
             if ann.version > newest and ann.version not in self._refused_versions:
                 self._wanted = ann
