@@ -30,10 +30,14 @@ class VLAConfig:
     width: int = 128
     features: int = 64
     init_log_std: float = -1.0
+    trunk_width: int = 256   # the MLP trunk; widen/deepen for the large-policy GPU benchmark
+    trunk_layers: int = 2
 
     def __post_init__(self):
         if self.horizon < 2 or self.action_dim < 1 or not self.cameras:
             raise ValueError(f"VLAConfig: need horizon >= 2, action_dim >= 1 and a camera: {self}")
+        if self.trunk_width < 1 or self.trunk_layers < 1:
+            raise ValueError(f"VLAConfig: trunk_width and trunk_layers must be >= 1: {self}")
 
 
 class SpatialSoftmax(nn.Module):
@@ -72,14 +76,15 @@ class ReferenceVLA(nn.Module):
         self.text = nn.Linear(32, c.width)
         self.state = nn.Linear(c.state_dim, c.width)
         self.prefix = nn.Linear(c.horizon * (c.action_dim + 1), c.width)
-        self.trunk = nn.Sequential(
-            nn.Linear(c.width * (len(c.cameras) + 3), 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(),
-        )
-        self.mean_head = nn.Linear(256, c.horizon * c.action_dim)
-        self.feature_head = nn.Linear(256, c.features)
+        tw = c.trunk_width
+        layers = [nn.Linear(c.width * (len(c.cameras) + 3), tw), nn.ReLU()]
+        for _ in range(c.trunk_layers - 1):
+            layers += [nn.Linear(tw, tw), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.mean_head = nn.Linear(tw, c.horizon * c.action_dim)
+        self.feature_head = nn.Linear(tw, c.features)
         self.log_std = nn.Parameter(torch.full((c.horizon, c.action_dim), c.init_log_std))
-        self.value_head = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1))
+        self.value_head = nn.Sequential(nn.Linear(tw, 128), nn.ReLU(), nn.Linear(128, 1))
 
     def _trunk(self, images: dict, state, tokens, prefix, prefix_len):
         c = self.config

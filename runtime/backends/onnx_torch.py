@@ -87,8 +87,20 @@ OPS = {
 }
 
 
+# Operands that are shapes or axes: read on the host (a .tolist() of a GPU tensor would stall the
+# stream, and is not allowed inside CUDA-graph capture).
+HOST_ARGS = {("Reshape", 1), ("Expand", 1), ("Unsqueeze", 1), ("ReduceSum", 1),
+             ("Range", 0), ("Range", 1), ("Range", 2)}
+
+
 class OnnxModule(torch.nn.Module):
-    """``forward(*inputs)`` in the graph's input order returns the graph's outputs (a tuple)."""
+    """``forward(*inputs)`` in the graph's input order returns the graph's outputs (a tuple).
+
+    Shape arithmetic is specialized per input signature: nodes whose value depends only on
+    constants and tensor shapes (``Shape`` and everything computed from shapes and constants) run
+    once on the host for each new signature and are cached, with device copies; later calls run
+    only the data nodes, with no device-to-host syncs, so the module can be CUDA-graph captured.
+    """
 
     def __init__(self, model):
         super().__init__()
@@ -98,32 +110,90 @@ class OnnxModule(torch.nn.Module):
         if unknown:
             raise NotImplementedError(f"the torch backend cannot run ONNX operators {unknown}; "
                                       f"use the 'ort' or 'tensorrt' backend for this artifact")
-        self._consts: dict[str, torch.Tensor] = {}
-        for i, t in enumerate(model.graph.initializer):
-            self.register_buffer(f"w{i}", torch.from_numpy(numpy_helper.to_array(t).copy()))
-            self._consts[t.name] = f"w{i}"
+        self._consts: dict[str, str] = {}      # graph name -> buffer name (moves with .to())
+        self._host: dict[str, torch.Tensor] = {}  # integer/bool constants, kept on the host
+
+        def add_const(name: str, value: np.ndarray) -> None:
+            key = f"w{len(self._consts)}"
+            self.register_buffer(key, torch.from_numpy(value))
+            self._consts[name] = key
+            if value.dtype.kind in "biu":
+                self._host[name] = torch.from_numpy(value.copy())
+
+        for t in model.graph.initializer:
+            add_const(t.name, numpy_helper.to_array(t).copy())
         names = set(self._consts)
         self.input_names = tuple(i.name for i in model.graph.input if i.name not in names)
         self.output_names = tuple(o.name for o in model.graph.output)
+        static = set(self._consts)
         self._nodes = []
         for node in model.graph.node:
             attrs = _attrs(node)
             if node.op_type == "Constant":
-                value = numpy_helper.to_array(attrs["value"]).copy()
-                key = f"w{len(self._consts)}"
-                self.register_buffer(key, torch.from_numpy(value))
-                self._consts[node.output[0]] = key
+                add_const(node.output[0], numpy_helper.to_array(attrs["value"]).copy())
+                static.add(node.output[0])
                 continue
-            self._nodes.append((OPS[node.op_type], list(node.input), list(node.output), attrs))
+            ins = list(node.input)
+            is_static = node.op_type == "Shape" or all(n in static for n in ins if n)
+            if is_static and node.op_type != "Shape" and not any(n in self._host or n not in
+                                                                   self._consts for n in ins if n):
+                is_static = False  # pure float-constant arithmetic: leave it on the device
+            if is_static:
+                static.update(node.output)
+            self._nodes.append((node.op_type, OPS[node.op_type], ins, list(node.output), attrs,
+                                is_static))
+        self._static = frozenset(static)
+        self._shape_cache: dict[tuple, tuple[dict, dict]] = {}
+
+    def _const(self, name: str) -> torch.Tensor:
+        return getattr(self, self._consts[name])
 
     def forward(self, *inputs):
-        env = {n: getattr(self, k) for n, k in self._consts.items()}
-        env.update(zip(self.input_names, inputs))
-        for op, ins, outs, attrs in self._nodes:
-            args = [env[n] if n else None for n in ins]
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+        cached = self._shape_cache.get(key)
+        first = cached is None
+        host, dev = (dict(self._host), {}) if first else cached
+        env = dict(zip(self.input_names, inputs))
+
+        def operand(op_type: str, i: int, name: str):
+            if not name:
+                return None
+            if name in env:
+                return env[name]
+            if (op_type, i) in HOST_ARGS and name in host:
+                return host[name]
+            if name in self._consts:
+                return self._const(name)
+            if name not in dev:  # first call only: later calls find every copy cached
+                dev[name] = host[name].to(inputs[0].device if inputs else "cpu")
+            return dev[name]
+
+        for op_type, op, ins, outs, attrs, is_static in self._nodes:
+            if is_static:
+                if not first:
+                    continue
+                if op_type == "Shape":
+                    data = env[ins[0]] if ins[0] in env else self._const(ins[0])
+                    result = torch.tensor(data.shape[attrs.get("start", 0):attrs.get("end")],
+                                          dtype=torch.int64)
+                else:
+                    args = [host[n] if n in host else self._const(n).cpu() if n else None
+                            for n in ins]
+                    while args and args[-1] is None:
+                        args.pop()
+                    result = op(*args, **attrs)
+                for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
+                    host[name] = value
+                continue
+            args = [operand(op_type, i, n) for i, n in enumerate(ins)]
             while args and args[-1] is None:
                 args.pop()
             result = op(*args, **attrs)
             for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
                 env[name] = value
-        return tuple(env[n] for n in self.output_names)
+        if first:
+            for name in self.output_names:  # an output that is pure shape arithmetic
+                if name in host and name not in env:
+                    dev.setdefault(name, host[name].to(inputs[0].device if inputs else "cpu"))
+            self._shape_cache[key] = (host, dev)
+        return tuple(env[n] if n in env else dev[n] for n in self.output_names)

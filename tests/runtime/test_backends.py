@@ -58,3 +58,31 @@ def test_torch_backend_refuses_cuda_graphs_on_cpu():
 
     with pytest.raises(ValueError, match="CUDA device"):
         TorchBackend(device="cpu", cuda_graph=True)
+
+
+def _cuda_or_skip():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with a CUDA build of torch (torch sees no CUDA device)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"cuda_graph": True}], ids=["eager", "cuda_graph"])
+def test_torch_cuda_backend_matches_ort_cpu(artifact, options):
+    """The GPU path gives the CPU reference's numbers (within fp32 GPU tolerance), and a CUDA
+    graph replays the new inputs every call rather than the captured ones."""
+    _cuda_or_skip()
+    m = PolicyRunner(artifact).manifest
+    ref = load_backend("ort", artifact, m)
+    gpu = load_backend("torch", artifact, m, device="cuda", **options)
+    base = PolicyRunner(artifact)
+    rng = np.random.default_rng(1)
+    for n in range(3):
+        feeds = base.feeds(base.synthetic_observation())
+        feeds = {k: (v + rng.normal(0, 0.1, v.shape).astype(v.dtype)) if v.dtype == np.float32
+                 else v for k, v in feeds.items()}
+        a, b = ref.infer(feeds), gpu.infer(feeds)
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=2e-3, rtol=2e-3, err_msg=key)
+    assert gpu.info()["device"].startswith("cuda")
