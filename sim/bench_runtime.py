@@ -180,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench runtime: control loop {result['control_loop']}", flush=True)
     result["overhead"] = overhead(artifact, 100 if a.quick else 500)
     print(f"bench runtime: overhead {result['overhead']}", flush=True)
+    # the same measure on the >= 100M-parameter policy: where inference dominates the chunk
+    import tempfile
+
+    from sim.bench_backends import make_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        large = make_artifact(pathlib.Path(tmp), "large")
+        result["overhead_large"] = overhead(large, 30 if a.quick else 100)
+    print(f"bench runtime: overhead (104M-parameter policy) {result['overhead_large']}", flush=True)
     result["backends"] = backends(artifact, 50 if a.quick else 300, CANDIDATES)
     print(f"bench runtime: backends {result['backends']}", flush=True)
     sync_settings = (lambda h: [h // 2, h]) if a.quick else (lambda h: [h // 4, h // 2, h])

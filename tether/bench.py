@@ -12,6 +12,8 @@ from tether.names import resolve
 BENCHES: dict[str, str] = {
     "runtime": "sim.bench_runtime:main",
     "verifier": "sim.bench_verifier:main",
+    "learner": "sim.bench_learner:main",
+    "backends": "sim.bench_backends:main",
 }
 
 

@@ -1,0 +1,125 @@
+"""``tether bench learner --out FILE.json``: the cloud learner measured side by side in one run.
+
+1. ``ingest``: durable ingest from 16 concurrent robot streams against a real learner process
+   (sim/bench_ingest.py).
+2. ``rollout``: a ~20 MB signed version published to 8 running robot processes: seconds until all
+   serve it, control ticks missed (sim/bench_rollout.py).
+3. ``learning``: success rate against wall-clock time for a fleet of simulated robots starting from
+   the behaviour-cloned policy, at staleness 0 (synchronous) and at the default asynchronous
+   staleness (sim/bench_learning.py); ``async_speedup`` = the synchronous run's time to its final
+   success over the asynchronous run's time to the same success.
+
+``--only ingest,rollout`` runs a subset; ``--minutes`` shortens the learning runs (15 by default).
+The learning curves are also drawn to ``FILE.png`` next to the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+
+from runtime.artifact import write_atomic
+
+PARTS = ("ingest", "rollout", "learning")
+DEFAULT_STALENESS = 4  # TrainerConfig's default asynchronous setting, measured against 0
+
+
+def time_to(curve: list[list[float]], target: float) -> float | None:
+    """First time the curve reaches ``target`` (None if it never does)."""
+    for seconds, success in curve:
+        if success >= target - 1e-9:
+            return float(seconds)
+    return None
+
+
+def async_speedup(sync: dict, asynchronous: dict) -> float | None:
+    target = sync["final_success"]
+    t_sync, t_async = time_to(sync["curve"], target), time_to(asynchronous["curve"], target)
+    if t_sync is None or t_async is None or t_async <= 0:
+        return None
+    return round(t_sync / t_async, 3)
+
+
+def plot(runs: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run in runs:
+        xs = [p[0] / 60 for p in run["curve"]]
+        ys = [p[1] for p in run["curve"]]
+        label = "synchronous (staleness 0)" if run["staleness"] == 0 else \
+            f"asynchronous (staleness {run['staleness']})"
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel("wall-clock minutes")
+    ax.set_ylabel("success rate (moving window)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tether bench learner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--minutes", type=float, default=15.0, help="each learning run")
+    p.add_argument("--robots", type=int, default=8, help="robots in the learning fleet")
+    p.add_argument("--staleness", type=int, default=DEFAULT_STALENESS,
+                   help="the asynchronous run's staleness (the other run uses 0)")
+    a = p.parse_args(argv)
+    parts = [x.strip() for x in a.only.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"--only: unknown parts {unknown}; choose from {PARTS}")
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / (out.stem + "-work")
+    result = {"host": platform.node(), "machine": platform.processor() or platform.machine(),
+              "command": "tether bench learner " + " ".join(argv or sys.argv[1:])}
+    t0 = time.monotonic()
+
+    def save() -> None:
+        result["seconds_total"] = round(time.monotonic() - t0, 1)
+        write_atomic(out, (json.dumps(result, indent=2) + "\n").encode())
+
+    if "ingest" in parts:
+        from sim.bench_ingest import run_ingest
+
+        result["ingest"] = run_ingest(streams=16, work_dir=work / "ingest")
+        print(f"bench learner: ingest {result['ingest']}", flush=True)
+        save()
+    if "rollout" in parts:
+        from sim.bench_rollout import run_rollout
+
+        result["rollout"] = run_rollout(robots=8, artifact_mb=20.0, work_dir=work / "rollout")
+        print(f"bench learner: rollout {result['rollout']}", flush=True)
+        save()
+    if "learning" in parts:
+        from sim.bench_learning import run_learning
+
+        runs = []
+        for staleness in (0, a.staleness):
+            run = run_learning(staleness, minutes=a.minutes, robots=a.robots,
+                               out_dir=work / f"learning-s{staleness}")
+            runs.append(run)
+            print(f"bench learner: learning staleness {staleness}: start "
+                  f"{run['start_success']:.3f} final {run['final_success']:.3f}", flush=True)
+            result["learning"] = runs
+            save()
+        result["async_speedup"] = async_speedup(runs[0], runs[1])
+        plot(runs, out.with_suffix(".png"))
+    save()
+    print(json.dumps({k: v for k, v in result.items() if k != "learning"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
