@@ -1,196 +1,449 @@
-"""The durable experience store: SQLite in WAL mode, fsync on every commit.
+"""The durable experience store: Arrow/Parquet segments plus a SQLite catalog, group-committed.
 
-A batch is validated as a whole before anything is written, then stored in one transaction;
-``append`` returns only after the commit, so an acknowledged batch survives a process kill.
-Records are keyed by (robot_id, episode_id, seq): a resend of an acknowledged batch (the robot
-did not see the ack) is dropped and counted, never stored twice.
+Layout under ``path`` (a directory)::
+
+    catalog.sqlite      robots, episodes, versions, sequence ranges, record keys, segments, frames
+    segments/           seg-NNNNNNNN.arrows (active/unsealed frames), seg-NNNNNNNN.parquet (sealed)
+    LOCK                held (flock) by the one process that writes
+
+``append``/``submit`` validate a batch whole (``learner.validate``) in the caller's thread, then
+hand it to one writer thread that coalesces everything queued into a single group commit: one
+Arrow IPC frame appended to the active segment and fsynced, then one catalog transaction (the
+acknowledgement point). Each caller is released after that commit, so an acknowledged batch
+survives kill -9. Segment bytes the catalog does not reference (a crash between the fsync and
+the commit) are cut off or deleted when the store opens. Records are keyed by (robot_id,
+episode_id, seq): a resend is dropped and counted, never stored twice, across restarts too.
+Full segments are sealed into Parquet by a background thread when ingest is quiet (see
+``learner.segments``); reads go through ``learner.store_reader``.
+
+A second ``ExperienceStore`` on a directory another one writes (another process, e.g. an export,
+or the same process) opens a read-only view: it sees every committed record and writes nothing.
 """
 from __future__ import annotations
 
-import math
+import collections
+import fcntl
+import logging
+import os
 import pathlib
 import sqlite3
 import threading
+import time
+from typing import Iterator
 
-import numpy as np
+import pyarrow as pa
 
-from runtime.tensors import from_proto
+from learner import catalog, segments as seg
+from learner.store_reader import SegmentReader
+from learner.validate import validate_batch, validate_record  # noqa: F401 (public re-export)
 from tether.wire import tether_pb2 as pb
 
-MAX_RECORDS_PER_BATCH = 1024
-MAX_ID_CHARS = 128
-MAX_TASK_CHARS = 256
-MAX_INSTRUCTION_CHARS = 1024
-MAX_ACTION_ROWS = 256
-MAX_ACTION_DIM = 64
-MAX_CAMERAS = 8
-MAX_SEQ = 2**63 - 1  # SQLite integers are signed 64-bit
+log = logging.getLogger("tether.learner.store")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    rowid INTEGER PRIMARY KEY AUTOINCREMENT,
-    robot_id TEXT NOT NULL,
-    episode_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    policy_version INTEGER NOT NULL,
-    task TEXT NOT NULL,
-    reward REAL NOT NULL,
-    success INTEGER NOT NULL,
-    terminated INTEGER NOT NULL,
-    truncated INTEGER NOT NULL,
-    n_actions INTEGER NOT NULL,
-    record BLOB NOT NULL,
-    UNIQUE (robot_id, episode_id, seq)
-);
-"""
+SEGMENT_BYTES = 64 * 1024 * 1024
+MAX_GROUP_RECORDS = 2048      # records per group commit (one frame)
+MAX_QUEUED_RECORDS = 65536    # submit() blocks beyond this: the writer is full (backpressure)
+SEAL_WHEN_IDLE_S = 1.0        # seal full segments after this long without a commit ...
+SEAL_BACKLOG = 8              # ... or when this many wait, busy or not
 
 
-def _finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} is {value}; it must be a finite number")
+class StoreUnavailable(OSError):
+    """The store takes no writes: closed, read-only, or its writer failed. Nothing was stored."""
 
 
-def _check_id(name: str, value: str) -> None:
-    if not value:
-        raise ValueError(f"{name} is empty; every record needs a non-empty {name}")
-    if len(value) > MAX_ID_CHARS:
-        raise ValueError(f"{name} has {len(value)} characters (limit {MAX_ID_CHARS})")
+class PendingAppend:
+    """A submitted batch; ``wait()`` returns (stored, duplicates) once it is durable.
+
+    A held lock, released when done, is the cheapest completion CPython has (an Event builds a
+    Condition per batch), and ingest makes hundreds of these a second."""
+
+    __slots__ = ("rows", "_lock", "_result", "_error")
+
+    def __init__(self, rows: list[tuple]):
+        self.rows = rows
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._result: tuple[int, int] | None = None
+        self._error: BaseException | None = None
+
+    def _finish(self, result=None, error=None) -> None:
+        self._result, self._error = result, error
+        self.rows = []
+        self._lock.release()
+
+    def done(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float | None = None) -> tuple[int, int]:
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(f"the batch was not stored within {timeout} s")
+        self._lock.release()  # later waits return at once
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
-def _check_array(name: str, t: pb.Tensor) -> np.ndarray:
-    try:
-        a = from_proto(t)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return a
-
-
-def validate_record(r: pb.ChunkRecord) -> None:
-    """Raise ValueError naming the first thing wrong with one record."""
-    _check_id("robot_id", r.robot_id)
-    _check_id("episode_id", r.episode_id)
-    if r.seq > MAX_SEQ:
-        raise ValueError(f"seq {r.seq} exceeds {MAX_SEQ}")
-    if len(r.task) > MAX_TASK_CHARS:
-        raise ValueError(f"task has {len(r.task)} characters (limit {MAX_TASK_CHARS})")
-    for name, value in (("reward", r.reward), ("behaviour_log_prob", r.behaviour_log_prob)):
-        _finite(name, value)
-    obs = r.observation
-    if len(obs.instruction) > MAX_INSTRUCTION_CHARS:
-        raise ValueError(f"instruction has {len(obs.instruction)} characters (limit {MAX_INSTRUCTION_CHARS})")
-    _finite("observation.timestamp", obs.timestamp)
-    if not obs.images or len(obs.images) > MAX_CAMERAS:
-        raise ValueError(f"observation has {len(obs.images)} camera images; need 1..{MAX_CAMERAS}")
-    for cam, t in obs.images.items():
-        img = _check_array(f"observation.images[{cam!r}]", t)
-        if img.dtype != np.uint8 or img.ndim != 3:
-            raise ValueError(f"observation.images[{cam!r}] is {img.dtype} {img.shape}; "
-                             f"images are HxWxC uint8")
-    state = _check_array("observation.state", obs.state)
-    if state.ndim != 1 or state.dtype.kind != "f":
-        raise ValueError(f"observation.state is {state.dtype} {state.shape}; expected a float vector")
-    actions = _check_array("actions", r.actions)
-    if actions.ndim != 2 or actions.dtype.kind != "f":
-        raise ValueError(f"actions is {actions.dtype} {actions.shape}; expected float [n, A]")
-    n, a_dim = actions.shape
-    if not (1 <= n <= MAX_ACTION_ROWS and 1 <= a_dim <= MAX_ACTION_DIM):
-        raise ValueError(f"actions shape {actions.shape}: need 1..{MAX_ACTION_ROWS} rows and "
-                         f"1..{MAX_ACTION_DIM} dims")
-    offsets = list(r.offsets)
-    if len(offsets) != n:
-        raise ValueError(f"{len(offsets)} offsets for {n} executed actions; need one per action")
-    if offsets[0] < 0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"offsets {offsets} must be >= 0 and strictly increasing")
-    if r.HasField("prefix"):
-        prefix = _check_array("prefix", r.prefix)
-        if prefix.ndim != 2 or prefix.shape[1] != a_dim:
-            raise ValueError(f"prefix shape {prefix.shape} does not match actions dim {a_dim}; "
-                             f"expected [H, {a_dim}]")
-        if not 0 <= r.prefix_len <= prefix.shape[0] or offsets[-1] >= prefix.shape[0]:
-            raise ValueError(f"prefix_len {r.prefix_len} / offsets {offsets} do not fit a "
-                             f"chunk of {prefix.shape[0]} rows")
-    elif r.prefix_len != 0:
-        raise ValueError(f"prefix_len {r.prefix_len} without a prefix tensor")
-
-
-def validate_batch(batch: pb.ExperienceBatch) -> None:
-    """Refuse the whole batch (ValueError naming the record) if any record is bad."""
-    _check_id("batch robot_id", batch.robot_id)
-    if len(batch.records) > MAX_RECORDS_PER_BATCH:
-        raise ValueError(f"batch holds {len(batch.records)} records (limit "
-                         f"{MAX_RECORDS_PER_BATCH}); send smaller batches")
-    for i, r in enumerate(batch.records):
-        where = f"record {i} (episode {r.episode_id!r}, seq {r.seq})"
-        if r.robot_id != batch.robot_id:
-            raise ValueError(f"{where}: robot_id {r.robot_id!r} differs from the batch's "
-                             f"{batch.robot_id!r}; a robot may only write its own experience")
-        try:
-            validate_record(r)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+def _aggregate(rows: list[tuple], first_rowid: int):
+    """Catalog updates for rows stored with rowids from ``first_rowid``: per episode (values
+    for ``catalog.upsert_episode`` after the key, and the seqs), per episode version, per robot."""
+    index: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        index.setdefault((row[0], row[1]), []).append(i)
+    episodes, versions, robots = {}, {}, {}
+    for key, idx in index.items():
+        ep = [rows[i] for i in idx]
+        seqs = [r[seg.KEY_SEQ] for r in ep]
+        vers = [r[seg.KEY_VERSION] for r in ep]
+        episodes[key] = ((ep[0][seg.KEY_TASK], min(seqs), max(seqs), len(ep),
+                          int(any(r[seg.KEY_SUCCESS] for r in ep)),
+                          int(any(r[seg.KEY_TERMINATED] for r in ep)),
+                          int(any(r[seg.KEY_TRUNCATED] for r in ep)), min(vers), max(vers),
+                          first_rowid + idx[0], first_rowid + idx[-1]), seqs)
+        for v, s in zip(vers, seqs):
+            agg = versions.get((*key, v))
+            versions[(*key, v)] = [1, s, s] if agg is None else [agg[0] + 1, min(agg[1], s),
+                                                                 max(agg[2], s)]
+        rb = robots.get(key[0])
+        robots[key[0]] = ([len(ep), first_rowid + idx[0], first_rowid + idx[-1]] if rb is None
+                          else [rb[0] + len(ep), rb[1], max(rb[2], first_rowid + idx[-1])])
+    return episodes, versions, robots
 
 
 class ExperienceStore:
-    """Thread-safe: one connection guarded by a lock (the gRPC pool and the trainer share it)."""
+    """Thread-safe. ``readonly``: None = write if no one else does, True = never, False = must."""
 
-    def __init__(self, path: str | pathlib.Path):
+    def __init__(self, path: str | os.PathLike, *, readonly: bool | None = None,
+                 segment_bytes: int = SEGMENT_BYTES, max_group_records: int = MAX_GROUP_RECORDS,
+                 max_queued_records: int = MAX_QUEUED_RECORDS):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
-                               f"put the store on a local filesystem")
-        self._db.execute("PRAGMA synchronous=FULL")  # fsync on commit: ack = durable
-        self._db.executescript(_SCHEMA)
-        self.duplicates_dropped = 0  # since this process opened the store
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file; the experience store is a directory (the "
+                             f"single-file SQLite store of earlier versions is not read)")
+        if segment_bytes <= 0 or max_group_records <= 0 or max_queued_records < max_group_records:
+            raise ValueError(f"ExperienceStore needs segment_bytes > 0 and max_queued_records >= "
+                             f"max_group_records > 0, got {segment_bytes}, {max_queued_records}, "
+                             f"{max_group_records}")
+        self.segment_bytes, self.max_group_records = segment_bytes, max_group_records
+        self.max_queued_records = max_queued_records
+        self.segment_dir = self.path / "segments"
+        self.segment_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self.writable = False
+        if not readonly:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.writable = True
+            except BlockingIOError:
+                if readonly is False:
+                    os.close(self._lock_fd)
+                    raise StoreUnavailable(f"{self.path} is being written by another process (or "
+                                           f"store); stop it first, or open read-only") from None
+                log.info("%s is written by another store; opened read-only", self.path)
+        self.duplicates_dropped = 0  # since this store was opened
+        self.segments_sealed = 0
+        self._last_commit = time.monotonic()
+        self._seal_now = False
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._cond = threading.Condition()
+        self._queue: collections.deque[PendingAppend] = collections.deque()
+        self._queued_records = 0
+        self._episode_ids: collections.OrderedDict = collections.OrderedDict()
+        self._reader = SegmentReader(self.segment_dir, self.path / "catalog.sqlite")
+        self._active: seg.ActiveSegment | None = None
+        self._threads: list[threading.Thread] = []
+        if self.writable:
+            self._wdb = catalog.connect(self.path / "catalog.sqlite")
+            self._load_state(cleanup=True)
+            self._seal_wakeup = threading.Event()
+            for target, name in ((self._writer_loop, "store-writer"),
+                                 (self._sealer_loop, "store-sealer")):
+                t = threading.Thread(target=target, name=name, daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    # -- opening and recovery ------------------------------------------------------------------
+    def _load_state(self, cleanup: bool) -> None:
+        """Writer state from the catalog; with ``cleanup`` (at open) drop what it does not own."""
+        db = self._wdb
+        rows = db.execute("SELECT id, format, sealed FROM segments ORDER BY id").fetchall()
+        owned = set()
+        for sid, fmt, _ in rows:
+            suffix = seg.IPC_SUFFIX if fmt == "ipc" else seg.PARQUET_SUFFIX
+            owned.add(seg.segment_name(sid, suffix))
+            if not (self.segment_dir / seg.segment_name(sid, suffix)).exists():
+                raise RuntimeError(f"{self.path}: segment {sid} ({fmt}) is in the catalog but its "
+                                   f"file is missing; acknowledged experience was lost or moved. "
+                                   f"Restore segments/ from a backup")
+        active = [(sid, s) for sid, fmt, s in rows if fmt == "ipc" and not s]
+        if len(active) > 1:
+            raise RuntimeError(f"{self.path}: {len(active)} unsealed segments; the catalog is "
+                               f"inconsistent")
+        if cleanup:
+            for entry in self.segment_dir.iterdir():
+                if entry.name not in owned:
+                    # never acknowledged: a frame file created before its first commit, a sealed
+                    # Parquet whose catalog switch did not commit, or an IPC file already sealed
+                    entry.unlink()
+            seg.fsync_dir(self.segment_dir)
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if active:
+            sid = active[0][0]
+            end = db.execute("SELECT COALESCE(MAX(offset + length), 0) FROM frames WHERE "
+                             "segment=?", (sid,)).fetchone()[0]
+            self._active = seg.ActiveSegment(self.segment_dir, sid, int(end), create=False)
+        top = db.execute("SELECT COALESCE(MAX(id), 0), COALESCE(MAX(last_rowid), 0) "
+                         "FROM segments").fetchone()
+        self._next_segment_id, self._next_rowid = int(top[0]) + 1, int(top[1]) + 1
+        self._episode_ids.clear()
+
+    # -- writing -------------------------------------------------------------------------------
+    def submit(self, batch: pb.ExperienceBatch) -> PendingAppend:
+        """Validate (ValueError naming the record, nothing stored) and queue for the writer.
+
+        Blocks while the writer has ``max_queued_records`` waiting: that is the backpressure."""
+        pending = PendingAppend(validate_batch(batch))
+        n = len(pending.rows)
+        if n == 0:
+            pending._finish(result=(0, 0))
+            return pending
+        with self._cond:
+            while True:
+                self._check_writable()
+                if self._queued_records == 0 or self._queued_records + n <= self.max_queued_records:
+                    break
+                self._cond.wait()
+            self._queue.append(pending)
+            self._queued_records += n
+            self._cond.notify_all()
+        return pending
 
     def append(self, batch: pb.ExperienceBatch) -> tuple[int, int]:
-        """Validate, store in one transaction, return (stored, duplicates) after the commit."""
-        validate_batch(batch)
-        rows = [(r.robot_id, r.episode_id, int(r.seq), int(r.policy_version), r.task,
-                 float(r.reward), int(r.success), int(r.terminated), int(r.truncated),
-                 len(r.offsets), r.SerializeToString(deterministic=True)) for r in batch.records]
-        with self._lock:
-            stored = 0
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for row in rows:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO records (robot_id, episode_id, seq, policy_version, "
-                        "task, reward, success, terminated, truncated, n_actions, record) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-                    stored += cur.rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self.duplicates_dropped += len(rows) - stored
-        return stored, len(rows) - stored
+        """Validate, store durably, return (stored, duplicates) after the catalog commit."""
+        return self.submit(batch).wait()
 
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreUnavailable(f"the experience store {self.path} is closed")
+        if not self.writable:
+            raise StoreUnavailable(f"{self.path} is open read-only (another store writes it)")
+        if self._failed is not None:
+            raise StoreUnavailable(f"the experience store {self.path} failed "
+                                   f"({self._failed!r}); restart the learner")
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                group, n = [], 0
+                while self._queue and (not group or
+                                       n + len(self._queue[0].rows) <= self.max_group_records):
+                    item = self._queue.popleft()
+                    group.append(item)
+                    n += len(item.rows)
+                self._queued_records -= n
+                self._cond.notify_all()
+            try:
+                results = self._commit(group)
+            except BaseException as e:  # noqa: BLE001 (every waiter must hear of it)
+                log.error("group commit of %d records failed: %r; nothing acknowledged", n, e)
+                for item in group:
+                    item._finish(error=e if isinstance(e, (OSError, sqlite3.Error))
+                                 else StoreUnavailable(f"storing failed: {e!r}"))
+                self._recover_writer()
+                continue
+            for item, result in zip(group, results):
+                item._finish(result=result)
+
+    def _recover_writer(self) -> None:
+        try:
+            self._load_state(cleanup=False)  # the catalog is the truth; memory may be ahead
+        except BaseException as e:  # noqa: BLE001
+            log.critical("experience store %s cannot recover: %r; refusing writes", self.path, e)
+            with self._cond:
+                self._failed = e
+                for item in self._queue:
+                    item._finish(error=StoreUnavailable(f"store failed: {e!r}"))
+                self._queue.clear()
+                self._queued_records = 0
+                self._cond.notify_all()
+
+    def _episode_key(self, robot: str, episode: str) -> int | None:
+        key = (robot, episode)
+        pk = self._episode_ids.get(key)
+        if pk is None:
+            pk = catalog.episode_id_of(self._wdb, robot, episode)
+            if pk is not None:
+                self._remember_episode(key, pk)
+        return pk
+
+    def _remember_episode(self, key, pk: int) -> None:
+        self._episode_ids[key] = pk
+        self._episode_ids.move_to_end(key)
+        if len(self._episode_ids) > 100_000:
+            self._episode_ids.popitem(last=False)
+
+    def _commit(self, group: list[PendingAppend]) -> list[tuple[int, int]]:
+        db = self._wdb
+        seqs: dict[tuple[str, str], list[int]] = {}
+        for item in group:
+            for row in item.rows:
+                seqs.setdefault((row[0], row[1]), []).append(row[2])
+        stored_before = {}
+        for key, s in seqs.items():
+            pk = self._episode_key(*key)
+            stored_before[key] = (catalog.stored_seqs(db, pk, min(s), max(s)) if pk is not None
+                                  else set())
+        new_rows, results, seen = [], [], set()
+        for item in group:
+            stored = 0
+            for row in item.rows:
+                k = (row[0], row[1], row[2])
+                if k in seen or row[2] in stored_before[(row[0], row[1])]:
+                    continue
+                seen.add(k)
+                new_rows.append(row)
+                stored += 1
+            results.append((stored, len(item.rows) - stored))
+        if new_rows:
+            self._write(new_rows)
+        self.duplicates_dropped += sum(d for _, d in results)
+        return results
+
+    def _write(self, rows: list[tuple]) -> None:
+        db, first, n = self._wdb, self._next_rowid, len(rows)
+        frame = seg.encode_frame(seg.build_table(rows, first))
+        old = self._active
+        roll = old is None or (old.end > 0 and old.end + len(frame) > self.segment_bytes)
+        target = (seg.ActiveSegment(self.segment_dir, self._next_segment_id, 0, create=True)
+                  if roll else old)
+        try:
+            offset = target.write(frame)
+            episodes, versions, robots = _aggregate(rows, first)
+            with catalog.Transaction(db):
+                if roll:
+                    if old is not None:
+                        db.execute("UPDATE segments SET sealed=1 WHERE id=?", (old.id,))
+                    db.execute("INSERT INTO segments (id, format, sealed, first_rowid, last_rowid, "
+                               "n_records, bytes) VALUES (?, 'ipc', 0, ?, ?, 0, 0)",
+                               (target.id, first, first - 1))
+                db.execute("INSERT INTO frames (segment, first_rowid, n, offset, length) "
+                           "VALUES (?,?,?,?,?)", (target.id, first, n, offset, len(frame)))
+                db.execute("UPDATE segments SET last_rowid=?, n_records=n_records+?, "
+                           "bytes=bytes+? WHERE id=?", (first + n - 1, n, len(frame), target.id))
+                pks = {}
+                for key, (values, seqs) in episodes.items():
+                    pks[key] = pk = catalog.upsert_episode(db, (*key, *values))
+                    db.executemany("INSERT INTO record_keys (episode, seq) VALUES (?,?)",
+                                   [(pk, s) for s in seqs])
+                catalog.upsert_versions(db, [(pks[(r, ep)], ver, *v)
+                                             for (r, ep, ver), v in versions.items()])
+                catalog.upsert_robots(db, [(r, *v) for r, v in robots.items()])
+        except BaseException:
+            if roll:
+                target.close()
+            raise
+        target.committed(len(frame))
+        self._last_commit = time.monotonic()
+        self._next_rowid += n
+        for key, pk in pks.items():
+            self._remember_episode(key, pk)
+        if roll:
+            self._active, self._next_segment_id = target, self._next_segment_id + 1
+            if old is not None:
+                old.close()
+                self._seal_wakeup.set()
+
+    # -- sealing -------------------------------------------------------------------------------
+    def _sealer_loop(self) -> None:
+        """Seal full segments into Parquet when ingest is quiet (or the backlog grows): sealing
+        competes with ingest for the CPU, and unsealed frames read just as well."""
+        db = catalog.connect(self.path / "catalog.sqlite")
+        try:
+            while not self._closed:
+                todo = db.execute("SELECT id FROM segments WHERE format='ipc' AND sealed=1 "
+                                  "ORDER BY id").fetchall()
+                quiet = time.monotonic() - self._last_commit >= SEAL_WHEN_IDLE_S
+                if not todo or not (quiet or len(todo) >= SEAL_BACKLOG or self._seal_now):
+                    self._seal_wakeup.wait(SEAL_WHEN_IDLE_S)
+                    self._seal_wakeup.clear()
+                    continue
+                try:
+                    self._seal(db, todo[0][0])
+                except (OSError, sqlite3.Error, pa.ArrowException) as e:
+                    log.error("sealing segment %d failed (%r); its frames stay readable, "
+                              "retrying later", todo[0][0], e)
+                    self._seal_wakeup.wait(5.0)
+        finally:
+            db.close()
+
+    def _seal(self, db: sqlite3.Connection, sid: int) -> None:
+        frames = db.execute("SELECT offset, length FROM frames WHERE segment=? ORDER BY "
+                            "first_rowid", (sid,)).fetchall()
+        _, size = seg.seal_to_parquet(self.segment_dir, sid, frames)
+        with catalog.Transaction(db):
+            db.execute("UPDATE segments SET format='parquet', bytes=? WHERE id=?", (size, sid))
+            db.execute("DELETE FROM frames WHERE segment=?", (sid,))
+        (self.segment_dir / seg.segment_name(sid, seg.IPC_SUFFIX)).unlink(missing_ok=True)
+        self.segments_sealed += 1
+
+    def wait_sealed(self, timeout: float = 30.0) -> bool:
+        """Seal every full segment now and wait until they are Parquet (tests, maintenance)."""
+        deadline = time.monotonic() + timeout
+        self._seal_now = True
+        try:
+            while True:
+                left = self._reader.unsealed_full_segments()
+                if not left or not self.writable:
+                    return not left
+                if time.monotonic() > deadline:
+                    return False
+                self._seal_wakeup.set()
+                time.sleep(0.02)
+        finally:
+            self._seal_now = False
+
+    # -- reading (learner.store_reader) --------------------------------------------------------
     def read(self, after_rowid: int = 0, limit: int = 256) -> list[tuple[int, pb.ChunkRecord]]:
-        """Records in insertion order with rowid > after_rowid."""
-        with self._lock:
-            rows = self._db.execute("SELECT rowid, record FROM records WHERE rowid > ? "
-                                    "ORDER BY rowid LIMIT ?", (int(after_rowid), int(limit))).fetchall()
-        return [(rowid, pb.ChunkRecord.FromString(blob)) for rowid, blob in rows]
+        """Committed records with rowid > after_rowid, in insertion (rowid) order."""
+        return self._reader.read(after_rowid, limit)
+
+    def scan(self, columns: list[str] | None = None, after_rowid: int = 0,
+             rows_per_table: int = 4096) -> Iterator[pa.Table]:
+        """Every committed row after ``after_rowid`` as Arrow tables (``segments.SCHEMA``
+        columns, ``rowid`` always included), in rowid order: analytics without protobuf."""
+        return self._reader.scan(columns, after_rowid, rows_per_table)
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        return self._reader.count()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """{robot_id: {records, episodes, successes}}; successes counts successful episodes."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT robot_id, COUNT(*), COUNT(DISTINCT episode_id), "
-                "COUNT(DISTINCT CASE WHEN success THEN episode_id END) "
-                "FROM records GROUP BY robot_id ORDER BY robot_id").fetchall()
-        return {r: {"records": n, "episodes": e, "successes": s} for r, n, e, s in rows}
+        return self._reader.stats()
+
+    def episodes(self, **conditions) -> list[dict]:
+        """Catalog rows of episodes; see ``catalog.select_episodes`` for the conditions."""
+        return self._reader.episodes(**conditions)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Commit what is queued, stop the writer and sealer, release the directory."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self.writable:
+            self._seal_wakeup.set()
+        for t in self._threads:
+            t.join()
+        if self._active is not None:
+            self._active.close()
+        if self.writable:
+            self._wdb.close()
+        self._reader.close()
+        os.close(self._lock_fd)
