@@ -1,97 +1,71 @@
 """The asynchronous trainer: fleet experience in, new policy versions out.
 
-Off-policy correction follows decoupled PPO. Three policies are kept apart: the behaviour policy
-mu (what ran on the robot; its log-probability is in each record), the proximal policy (the
-learner's weights at the start of an update, whose log-probabilities are computed exactly before
-any step) and the current policy pi. Per chunk:
+Off-policy correction is decoupled PPO (``learner.ppo``) with the three policies kept apart:
+behaviour mu (the robot's log-probability, in each record), proximal (the learner's snapshot of
+the record's own version, EWMA of weights as the fallback; ``learner.proximal``) and current pi.
+Advantages are chunk-level discounted returns (plus a success bonus) minus the value head's
+estimate, normalized per task within an update; the value head regresses the running-normalized
+returns. Successful episodes and human interventions also train through an imitation term
+(Gaussian NLL of the executed rows). The step size is scaled by the effective sample size of
+the behaviour weights (VCPO).
 
-    w = prox / mu            behaviour importance weight; chunks with w > max_is_ratio are masked
-    r = pi / prox            clipped to [1 - clip, 1 + clip] as in PPO
-    loss_pg = -w * min(r A, clip(r) A)        (so w r = pi / mu, the "ratio" that is logged)
+One staleness parameter S (``TrainerConfig.staleness``). When the trainer starts an update that
+will become version v+1 it gates the fleet at ``min_version = v + 1 - S`` (robots do not start
+an episode on an older version) and drops data more than S versions behind. S = 0 is
+synchronous on-policy: the trainer collects ``min_new_episodes`` episodes of version v, closes
+the gate, waits (at most ``sync_wait_s``) for episodes still running on v, trains and publishes
+at once. S > 0 trains whenever ``update_episodes`` new episodes are ready and publishes every
+``publish_interval_s``.
 
-Advantages are chunk-level discounted returns minus the value head's estimate, normalized per
-update; the value head regresses the (running-normalized) returns. Successful episodes and human
-interventions also train through an imitation term (Gaussian NLL of the executed rows). The step
-size is scaled by the effective sample size of w (VCPO): stale, off-policy data moves less.
+Every publish checkpoints model, optimizer, RNGs, return statistics, the EWMA weights and the
+store position (``learner.episodes``); a new Trainer on the same registry resumes from there.
+One JSON line per update goes to ``log_path`` (``DATA/updates.jsonl`` in ``tether learner``).
+The number of optimizer steps of an update depends only on its number of records (epochs x
+minibatches), so data-parallel ranks with equal shards stay in lockstep (``after_backward``).
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
+import json
 import logging
+import pathlib
 import threading
 import time
 
 import numpy as np
 import torch
 
-from learner.batches import Batch, DecodeSpec, check_record, decode
+from learner import ppo
+from learner.batches import DecodeSpec, decode
+from learner.episodes import Episode, EpisodeFeed, usable_episodes
 from learner.export import config_from_manifest
 from learner.model import ReferenceVLA, gaussian_log_prob
+from learner.proximal import ProximalPolicies, batch_log_probs
 from learner.registry import Registry
 from learner.store import ExperienceStore
-from learner.verifier_fleet_train import FleetScorerConfig, train_fleet_scorer
+from learner.trainer_config import TrainerConfig
+from learner.trainer_state import pack_state, unpack_rng
+from learner.verifier_fleet_train import train_fleet_scorer
 from tether.wire import tether_pb2 as pb
+
+__all__ = ["Trainer", "TrainerConfig"]
 
 log = logging.getLogger("tether.learner.trainer")
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainerConfig:
-    gamma: float = 0.9              # discount per chunk (not per tick)
-    lr: float = 1e-4                # Adam; keeps the clip fraction near 0.1 on 16-dim chunks
-    clip: float = 0.2
-    max_is_ratio: float = 2.0       # behaviour weights prox/mu above this are masked out
-    value_coef: float = 0.5
-    bc_coef: float = 0.5            # imitation on successful episodes and human interventions
-    epochs: int = 2
-    minibatch: int = 64
-    grad_clip: float = 1.0
-    max_staleness: int = 8          # versions; older behaviour data is dropped (0 = on-policy)
-    replay_episodes: int = 32       # bounded window of recent complete episodes
-    replay_sample: int = 4          # old episodes mixed into each update
-    min_new_episodes: int = 2       # publish after this many new complete episodes ...
-    publish_interval_s: float = 25.0  # ... and at least this long after the last publish
-    poll_s: float = 0.5
-    read_limit: int = 512
-    max_pending_records: int = 50_000  # incomplete episodes held; oldest dropped beyond this
-    ess_scaled_lr: bool = True
-    # the verifier scorer shipped with each version; off by default: a scorer trained on the
-    # first few episodes vetoes most candidates and stalls robots (fleet e2e); opt in with every=1
-    verifier: FleetScorerConfig = FleetScorerConfig(every=0)
-    seed: int = 0
-
-    def __post_init__(self):
-        checks = {"gamma": 0 <= self.gamma <= 1, "lr": self.lr > 0, "clip": 0 < self.clip < 1,
-                  "max_is_ratio": self.max_is_ratio >= 1, "epochs": self.epochs >= 1,
-                  "minibatch": self.minibatch >= 1, "max_staleness": self.max_staleness >= 0,
-                  "replay_episodes": self.replay_episodes >= 1, "replay_sample": self.replay_sample >= 0,
-                  "min_new_episodes": self.min_new_episodes >= 1,
-                  "publish_interval_s": self.publish_interval_s >= 0, "poll_s": self.poll_s > 0,
-                  "read_limit": self.read_limit >= 1, "value_coef": self.value_coef >= 0,
-                  "bc_coef": self.bc_coef >= 0, "max_pending_records": self.max_pending_records >= 1}
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"TrainerConfig: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+DROPPED = ("stale", "unusable", "masked", "incomplete")
 
 
-def policy_and_value(model: ReferenceVLA, batch: Batch):
-    """(mean, log_std, value) for a decoded batch, from one trunk pass."""
-    return model.policy_and_value(*batch.inputs())
-
-
-def group_episodes(records: list[pb.ChunkRecord]) -> list[list[pb.ChunkRecord]]:
-    """Records grouped by (robot, episode), each sorted by seq, in first-seen order."""
-    groups: dict[tuple[str, str], list] = {}
-    for r in records:
-        groups.setdefault((r.robot_id, r.episode_id), []).append(r)
-    return [sorted(g, key=lambda r: r.seq) for g in groups.values()]
+def _counts(dropped: collections.Counter) -> dict:
+    """Records dropped, by why: too stale, unusable (a gap or a shape the model cannot take),
+    behaviour weight masked (kept for value and imitation only), incomplete (pending limit)."""
+    return {k: int(dropped[k]) for k in DROPPED}
 
 
 class Trainer:
     def __init__(self, store: ExperienceStore, registry: Registry,
-                 config: TrainerConfig = TrainerConfig()):
+                 config: TrainerConfig = TrainerConfig(), *, log_path=None):
         self.store, self.registry, self.config = store, registry, config
+        self.log_path = pathlib.Path(log_path) if log_path else None
         self.version = registry.latest()
         if self.version == 0:
             raise RuntimeError("the registry is empty; import the pretrained artifact first "
@@ -105,19 +79,30 @@ class Trainer:
         self.spec = DecodeSpec.from_manifest(manifest, config_from_manifest(manifest))
         self.model = ReferenceVLA(self.spec.config)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # the exploration noise (one global log_std per chunk row and action dim) has its own
+        # step size: its gradient sums over every chunk, far less noisy than the network's
+        rest = [p for p in self.model.parameters() if p is not self.model.log_std]
+        self._base_lr = (config.lr, config.log_std_lr)
+        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": [self.model.log_std]}],
+                                          lr=config.lr)
         if ckpt.get("optimizer"):
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # written by a trainer with other parameter groups
+                log.warning("version %d's optimizer state does not fit (%s); starting Adam afresh",
+                            self.version, e)
+        self.proximal = ProximalPolicies(self.spec.config, registry.load_checkpoint,
+                                         keep=config.snapshots, ewma_decay=config.ewma_decay)
+        self.proximal.put(self.version, ckpt["model"])
         self._gen = torch.Generator().manual_seed(config.seed)
         self._rng = np.random.default_rng(config.seed)
-        self._ret_mean, self._ret_std = 0.0, 1.0
-        self._ret_seen = False
-        self._cursor = 0
-        self._pending: collections.OrderedDict = collections.OrderedDict()
-        self._pending_records = 0
-        self._ready: list[list[pb.ChunkRecord]] = []
-        self._replay: collections.deque = collections.deque(maxlen=config.replay_episodes)
+        self._ret_mean, self._ret_std, self._ret_seen = 0.0, 1.0, False
+        self.feed = EpisodeFeed(store, config.read_limit, config.max_pending_records)
+        self._ready: list[Episode] = []
+        self._replay: collections.deque[Episode] = collections.deque(maxlen=config.replay_episodes)
+        self._dropped = collections.Counter()  # records dropped since the last update, by why
         self._new_since_publish = 0
+        self._sync_since: float | None = None  # S = 0: when the gate closed for this update
         self._last_publish = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,6 +113,31 @@ class Trainer:
         self._scorer = None  # the last trained verifier scorer (learner.verifier_train)
         # called with the model between backward() and the optimizer step (learner.distributed)
         self.after_backward = None
+        if ckpt.get("trainer"):
+            self._resume(ckpt["trainer"])
+        else:
+            self.proximal.reset_ewma(self.model)
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything besides model and optimizer that the next update depends on (plain data
+        and tensors only: it is read back with torch.load(weights_only=True))."""
+        return pack_state(
+            gen=self._gen, rng=self._rng, ret=(self._ret_mean, self._ret_std, self._ret_seen),
+            ewma=self.proximal.ewma_state(), position=self.feed.position(self._ready, self._replay),
+            train_steps=self.train_steps, new_since_publish=self._new_since_publish)
+
+    def _resume(self, state: dict) -> None:
+        unpack_rng(state, self._gen, self._rng)
+        self._ret_mean, self._ret_std, self._ret_seen = state["ret"]
+        self.proximal.reset_ewma(self.model, state["ewma"])
+        self.train_steps = int(state["train_steps"])
+        self._new_since_publish = int(state["new_since_publish"])
+        self._ready, replay = self.feed.restore(state["position"])
+        self._replay.extend(replay)
+        log.info("resumed at version %d: store position %d, %d pending, %d ready and %d replay "
+                 "episodes", self.version, self.feed.cursor, len(self.feed.pending),
+                 len(self._ready), len(replay))
 
     # -- background loop ---------------------------------------------------------------------
     def start(self) -> None:
@@ -149,54 +159,86 @@ class Trainer:
             self.error = e
             log.exception("trainer stopped")
 
-    def step(self) -> bool:
+    def step(self, now: float | None = None) -> bool:
         """Poll the store once, train on newly completed episodes, publish if due.
 
         Returns whether anything was done (the loop sleeps otherwise)."""
         got = self.poll()
+        now = time.monotonic() if now is None else now
+        if self.config.staleness == 0:
+            return self._step_sync(now) or got > 0
         trained = False
-        if self._ready:
-            new, self._ready = self._ready, []
-            k = min(self.config.replay_sample, len(self._replay))
-            old = [self._replay[i] for i in self._rng.choice(len(self._replay), k, replace=False)] if k else []
-            self.train_on([r for ep in new + old for r in ep])
-            self._replay.extend(new)
-            self._new_since_publish += len(new)
+        if self._ready and (len(self._ready) >= self.config.update_episodes
+                            or self._publish_due(now, len(self._ready))):
+            self._gate(self.version + 1 - self.config.staleness)
+            self._update()
             trained = True
-        self.maybe_publish()
+        self.maybe_publish(now)
         return got > 0 or trained
 
+    def _step_sync(self, now: float) -> bool:
+        c = self.config
+        if self._sync_since is None:
+            if len(self._ready) < c.min_new_episodes or now - self._last_publish < c.publish_interval_s:
+                return False
+            self._sync_since = now
+            self._gate(self.version + 1)  # robots finishing an episode wait for version v + 1
+        running = any(ep.records[-1].policy_version >= self.version
+                      for ep in self.feed.pending.values())
+        if running and now - self._sync_since < c.sync_wait_s:
+            return False
+        self._update()
+        self.publish(now)
+        return True
+
+    def _gate(self, min_version: int) -> None:
+        self.registry.set_min_version(max(0, min_version))
+
+    def _fresh(self, ep: Episode) -> bool:
+        return self.version - ep.oldest_version <= self.config.staleness
+
     def poll(self) -> int:
-        """Read new records in insertion order; complete episodes move to the ready list."""
-        rows = self.store.read(self._cursor, self.config.read_limit)
-        for rowid, r in rows:
-            self._cursor = rowid
-            key = (r.robot_id, r.episode_id)
-            self._pending.setdefault(key, []).append(r)
-            self._pending_records += 1
-            if r.terminated or r.truncated:
-                episode = self._pending.pop(key)
-                self._pending_records -= len(episode)
-                self._ready.append(sorted(episode, key=lambda x: x.seq))
-        while self._pending_records > self.config.max_pending_records:
-            key, dropped = self._pending.popitem(last=False)
-            self._pending_records -= len(dropped)
-            log.warning("dropped incomplete episode %s (%d records): pending limit", key, len(dropped))
-        return len(rows)
+        """Read new records in insertion order; complete, fresh episodes become ready."""
+        got, done, overflow = self.feed.poll()
+        self._dropped["incomplete"] += overflow
+        # episodes still running on versions already too old can never train: stop holding them
+        self._dropped["stale"] += self.feed.drop_pending(lambda ep: not self._fresh(ep))
+        for ep in done:
+            if self._fresh(ep):
+                self._ready.append(ep)
+            else:
+                self._dropped["stale"] += len(ep.records)
+        return got
+
+    def _update(self) -> dict:
+        """One update on the ready episodes plus a sample of recent, still fresh, replay."""
+        new, self._ready = self._ready, []
+        fresh = [ep for ep in self._replay if self._fresh(ep)]
+        k = min(self.config.replay_sample, len(fresh))
+        old = [fresh[i] for i in self._rng.choice(len(fresh), k, replace=False)] if k else []
+        metrics = self.train_on([r for ep in new + old for r in ep.records])
+        self._replay.extend(new)
+        self._new_since_publish += len(new)
+        return metrics
+
+    def _publish_due(self, now: float, pending: int = 0) -> bool:
+        c = self.config
+        return (self._new_since_publish + pending >= c.min_new_episodes
+                and now - self._last_publish >= c.publish_interval_s)
 
     def maybe_publish(self, now: float | None = None):
-        c = self.config
         now = time.monotonic() if now is None else now
-        if self._new_since_publish < c.min_new_episodes or now - self._last_publish < c.publish_interval_s:
-            return None
-        return self.publish(now)
+        return self.publish(now) if self._publish_due(now) else None
 
     def publish(self, now: float | None = None):
+        self._new_since_publish = 0  # as the checkpoint must say: a resumed trainer starts afresh
         manifest = self.registry.publish(self.model, optimizer_state=self.optimizer.state_dict(),
-                                         verifier=self._train_verifier())
+                                         verifier=self._train_verifier(),
+                                         trainer_state=self.state_dict())
         self.version = manifest.version
         self.versions_published += 1
-        self._new_since_publish = 0
+        self.proximal.put(self.version, self.model.state_dict())
+        self._sync_since = None
         self._last_publish = time.monotonic() if now is None else now
         log.info("published version %d (%d train steps)", self.version, self.train_steps)
         return manifest
@@ -208,8 +250,8 @@ class Trainer:
         if c.every == 0:
             return None
         if self.versions_published % c.every == 0:
-            flat, ep_index, _, _, _ = self._select([r for ep in self._replay for r in ep])
-            episodes = [[flat[i] for i in np.nonzero(ep_index == e)[0]] for e in np.unique(ep_index)]
+            episodes, _ = usable_episodes([r for ep in self._replay for r in ep.records],
+                                          self.spec, self.version, self.config.staleness)
             try:
                 trained = train_fleet_scorer(self.model, self.spec, episodes, self.config.gamma,
                                              c, previous=self._scorer)
@@ -220,80 +262,51 @@ class Trainer:
         return self._scorer
 
     # -- one update ----------------------------------------------------------------------------
-    def _select(self, records: list[pb.ChunkRecord]):
-        """Episodes -> (flat records, returns-index data); drops stale and unusable records."""
-        c = self.config
-        flat, ep_index, successful = [], [], []
-        stale = skipped = 0
-        for episode in group_episodes(records):
-            keep = []
-            for r in episode:
-                why = check_record(r, self.spec)
-                if why is not None:
-                    skipped += 1
-                    log.debug("skipping %s/%s seq %d: %s", r.robot_id, r.episode_id, r.seq, why)
-                elif self.version - r.policy_version > c.max_staleness:
-                    stale += 1
-                else:
-                    keep.append(r)
-            if not keep or len(keep) != len(episode):
-                # a gap would corrupt the returns of every earlier chunk: use whole episodes only
-                continue
-            success = any(r.success for r in episode)
-            for r in keep:
-                flat.append(r)
-                ep_index.append(len(successful))
-            successful.append(success)
-        return flat, np.asarray(ep_index, np.int64), successful, stale, skipped
+    def _returns(self, episodes, values_raw: np.ndarray) -> np.ndarray:
+        """Chunk-level discounted returns, the success bonus on the chunk that succeeded; an
+        episode that did not end in ``terminated`` bootstraps from the value estimate."""
+        c, out, at = self.config, [], 0
+        for ep in episodes:
+            rewards = [r.reward + c.success_bonus * r.success for r in ep]
+            at += len(ep)
+            bootstrap = 0.0 if ep[-1].terminated else float(values_raw[at - 1])
+            out += ppo.discounted_returns(rewards, c.gamma, bootstrap)
+        return np.asarray(out, np.float64)
 
-    def _returns(self, flat, ep_index, values_raw: np.ndarray) -> np.ndarray:
-        """Discounted chunk-level returns; an episode not ending in `terminated` bootstraps."""
-        g = self.config.gamma
-        out = np.zeros(len(flat), np.float64)
-        for e in np.unique(ep_index):
-            idx = np.nonzero(ep_index == e)[0]
-            last = flat[idx[-1]]
-            acc = 0.0 if last.terminated else float(values_raw[idx[-1]])
-            for i in idx[::-1]:
-                acc = flat[i].reward + g * acc
-                out[i] = acc
-        return out
-
-    def _forward_all(self, batch: Batch):
-        mb = self.config.minibatch
-        logps, values = [], []
+    def _values(self, batch) -> torch.Tensor:
+        mb, out = self.config.minibatch, []
         with torch.no_grad():
             for s in range(0, len(batch), mb):
                 part = batch.select(torch.arange(s, min(s + mb, len(batch))))
-                mean, log_std, v = policy_and_value(self.model, part)
-                logps.append(gaussian_log_prob(mean, log_std, part.actions, part.row_mask))
-                values.append(v)
-        return torch.cat(logps).double(), torch.cat(values).double()
+                out.append(self.model.policy_and_value(*part.inputs())[2])
+        return torch.cat(out).double()
 
     def train_on(self, records: list[pb.ChunkRecord]) -> dict:
-        """One update on the given episodes' records; returns the metrics it logged."""
+        """One update on the given episodes' records; returns (and logs) its metrics."""
         c = self.config
-        flat, ep_index, successful, stale, skipped = self._select(records)
+        t0 = time.monotonic()
+        episodes, dropped = usable_episodes(records, self.spec, self.version, c.staleness)
+        dropped.update(self._dropped)
+        self._dropped.clear()
+        flat = [r for ep in episodes for r in ep]
         if not flat:
-            return {"records": 0, "stale_dropped": stale, "skipped": skipped}
+            return self._log({"version": self.version, "records": 0, "dropped": _counts(dropped)})
         self.model.train()
         batch = decode(flat, self.spec)
-        logp_prox, values_n = self._forward_all(batch)
-        values_raw = values_n.numpy() * self._ret_std + self._ret_mean
-        returns = self._returns(flat, ep_index, values_raw)
+        logp_prox, exact = self.proximal.log_probs(batch, c.minibatch)
+        values_raw = self._values(batch).numpy() * self._ret_std + self._ret_mean
+        returns = self._returns(episodes, values_raw)
         self._update_return_stats(returns)
         returns_n = torch.from_numpy((returns - self._ret_mean) / self._ret_std)
-        values_n = torch.from_numpy((values_raw - self._ret_mean) / self._ret_std)  # new scale
-        adv = returns_n - values_n
-        adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8) if len(adv) > 1 else adv * 0
-        w = torch.exp(logp_prox - batch.behaviour_log_prob)
-        valid = w <= c.max_is_ratio
-        wv = w[valid]
-        ess = float(wv.sum() ** 2 / (len(w) * (wv ** 2).sum())) if valid.any() else 0.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.lr * (ess if c.ess_scaled_lr else 1.0)
-        imitate = torch.tensor([successful[e] or r.human_intervention
-                                for e, r in zip(ep_index, flat)], dtype=torch.bool)
+        values_n = torch.from_numpy((values_raw - self._ret_mean) / self._ret_std)
+        adv = ppo.normalize(returns_n - values_n, [r.task for r in flat])
+        w, valid = ppo.behaviour_weights(logp_prox, batch.behaviour_log_prob, c.max_is_ratio)
+        ess = ppo.effective_sample_size(w, valid)
+        for group, base in zip(self.optimizer.param_groups, self._base_lr):
+            group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
+        successful = [any(r.success for r in ep) for ep in episodes]
+        imitate = torch.tensor([ok or r.human_intervention
+                                for ok, ep in zip(successful, episodes) for r in ep])
         rows = batch.row_mask.sum(-1).clamp(min=1.0)
         sums = collections.defaultdict(float)
         steps = 0
@@ -302,42 +315,69 @@ class Trainer:
             for s in range(0, len(batch), c.minibatch):
                 idx = perm[s:s + c.minibatch]
                 part = batch.select(idx)
-                mean, log_std, v = policy_and_value(self.model, part)
+                mean, log_std, v = self.model.policy_and_value(*part.inputs(),
+                                                               detach_value=c.detach_value)
                 logp = gaussian_log_prob(mean, log_std, part.actions, part.row_mask)
-                r = torch.exp(logp.double() - logp_prox[idx])
-                a, m, wi = adv[idx], valid[idx].double(), torch.where(valid[idx], w[idx], 0.0)
-                surrogate = torch.min(r * a, r.clamp(1 - c.clip, 1 + c.clip) * a)
-                pg = -(wi * surrogate * m).sum() / m.sum().clamp(min=1.0)
+                pg, r, clip_frac = ppo.surrogate_loss(logp, logp_prox[idx], adv[idx], w[idx],
+                                                      valid[idx], c.clip,
+                                                      rows[idx] if c.row_ratio else None)
                 value_loss = torch.nn.functional.mse_loss(v.double(), returns_n[idx])
-                im = imitate[idx]
-                bc = -(logp / rows[idx])[im].mean() if im.any() else logp.sum() * 0
-                loss = pg + c.value_coef * value_loss + c.bc_coef * bc
+                bc = ppo.imitation_loss(logp, rows[idx], imitate[idx])
+                loss = c.pg_coef * pg + c.value_coef * value_loss + c.bc_coef * bc
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.after_backward is not None:  # data-parallel: average the gradients
                     self.after_backward(self.model)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
+                self.proximal.update_ewma(self.model)
                 steps += 1
                 self.train_steps += 1
                 sums["loss_pg"] += pg.item()
                 sums["loss_value"] += value_loss.item()
                 sums["loss_bc"] += bc.item()
-                sums["ratio_mean"] += float(torch.exp(logp.detach().double() - part.behaviour_log_prob).mean())
-                sums["clip_frac"] += float(((r.detach() - 1).abs() > c.clip).double().mul(m).sum() / m.sum().clamp(min=1))
+                sums["ratio_mean"] += float((r * w[idx]).mean())
+                sums["clip_frac"] += clip_frac
         metrics = {k: v / steps for k, v in sums.items()}
+        metrics.update(self._diagnostics(batch, logp_prox, exact, w, valid, dropped))
         metrics.update(
-            records=len(flat), episodes=len(successful), steps=steps, stale_dropped=stale,
-            skipped=skipped, ratio_start=float(w.mean()), masked_frac=float(1 - valid.double().mean()),
-            ess=ess, staleness=float((self.version - batch.policy_version).double().mean()),
-            success_episodes=int(sum(successful)), return_mean=float(returns.mean()),
-            version=self.version)
+            version=self.version, records=len(flat), episodes=len(episodes), steps=steps,
+            lr=self.optimizer.param_groups[0]["lr"], ess=ess, success_episodes=sum(successful),
+            imitate_frac=float(imitate.double().mean()), return_mean=float(returns.mean()),
+            seconds=round(time.monotonic() - t0, 3))
+        m = metrics
+        log.info("update v%d: %d records/%d episodes (%d successful), pg %.4f value %.4f bc %.4f, "
+                 "clip %.3f, masked %.3f, ess %.3f, kl %.4f/%.4f, staleness %s, exact %.2f, "
+                 "gap %.4f, log_std %.3f", self.version, len(flat), len(episodes),
+                 m["success_episodes"], m["loss_pg"], m["loss_value"], m["loss_bc"],
+                 m["clip_frac"], m["masked_frac"], ess, m["kl_behaviour"], m["kl_update"],
+                 m["staleness_hist"], m["proximal_exact_frac"], m["logp_gap_mean"], m["log_std"])
+        return self._log(metrics)
+
+    def _diagnostics(self, batch, logp_prox, exact, w, valid, dropped) -> dict:
+        """Behaviour KL, update KL, staleness and robot/learner discrepancy of one update."""
+        logp_new = batch_log_probs(self.model, batch, self.config.minibatch)
+        gap = (batch.behaviour_log_prob - logp_prox).abs()[exact]
+        behind = (self.version - batch.policy_version).tolist()
+        dropped["masked"] += int((~valid).sum())
+        return dict(
+            ratio_start=float(w.mean()), masked_frac=float((~valid).double().mean()),
+            kl_behaviour=ppo.k3_kl(batch.behaviour_log_prob, logp_prox),
+            kl_update=ppo.k3_kl(logp_prox, logp_new, torch.where(valid, w, torch.zeros_like(w))),
+            proximal_exact_frac=float(exact.double().mean()),
+            logp_gap_mean=float(gap.mean()) if len(gap) else 0.0,
+            logp_gap_max=float(gap.max()) if len(gap) else 0.0,
+            masked_by_gap_frac=float((~valid & exact).double().mean()),
+            staleness=float(np.mean(behind)),
+            staleness_hist={str(k): n for k, n in sorted(collections.Counter(behind).items())},
+            dropped=_counts(dropped), log_std=float(self.model.log_std.detach().mean()))
+
+    def _log(self, metrics: dict) -> dict:
+        metrics = dict(metrics, time=time.time())
         self.last_metrics = metrics
-        log.info("update v%d: %d records/%d episodes, pg %.4f value %.4f bc %.4f, ratio start %.4f "
-                 "mean %.4f, clip %.3f, masked %.3f, ess %.3f, staleness %.2f", self.version,
-                 len(flat), len(successful), metrics["loss_pg"], metrics["loss_value"],
-                 metrics["loss_bc"], metrics["ratio_start"], metrics["ratio_mean"],
-                 metrics["clip_frac"], metrics["masked_frac"], ess, metrics["staleness"])
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(metrics, sort_keys=True) + "\n")
         return metrics
 
     def _update_return_stats(self, returns: np.ndarray) -> None:

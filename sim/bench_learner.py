@@ -27,22 +27,6 @@ PARTS = ("ingest", "rollout", "learning")
 DEFAULT_STALENESS = 4  # TrainerConfig's default asynchronous setting, measured against 0
 
 
-def time_to(curve: list[list[float]], target: float) -> float | None:
-    """First time the curve reaches ``target`` (None if it never does)."""
-    for seconds, success in curve:
-        if success >= target - 1e-9:
-            return float(seconds)
-    return None
-
-
-def async_speedup(sync: dict, asynchronous: dict) -> float | None:
-    target = sync["final_success"]
-    t_sync, t_async = time_to(sync["curve"], target), time_to(asynchronous["curve"], target)
-    if t_sync is None or t_async is None or t_async <= 0:
-        return None
-    return round(t_sync / t_async, 3)
-
-
 def plot(runs: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -103,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench learner: rollout {result['rollout']}", flush=True)
         save()
     if "learning" in parts:
-        from sim.bench_learning import run_learning
+        from sim.bench_learning import async_speedup, run_learning
 
         runs = []
         for staleness in (0, a.staleness):

@@ -1,0 +1,157 @@
+"""Benchmark part 3 (learning): fleet success rate against wall-clock time, starting from the
+behaviour-cloned policy, at a given staleness S (0 = synchronous on-policy).
+
+Each run is a real fleet (``sim.fleet``: a ``tether learner`` process and N ``tether robot``
+processes on loopback) trained live. The curve is the success rate of the fleet's most recent
+``window`` episodes (a moving window over episodes), read from the robots' status files about
+once a second; ``start_success`` is the first full window (the BC policy, mostly version 1),
+``final_success`` the last window before the robots stop.
+
+Tasks (``LEARNING_TASKS``): the BC policy's fleet success, measured with
+``tether fleet --robots 6 --minutes 2 --no-train --canary-fraction 0`` (stochastic sampling as
+the robots run it): reach-v3 51%, push-v3 20%, door-open-v3 68% (48% overall) -- see the README.
+
+``.venv/bin/python -m sim.bench_learning --staleness 0 --minutes 2 --robots 4``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+from sim.tasks import DEFAULT_TASKS
+
+LEARNING_TASKS: tuple[str, ...] = DEFAULT_TASKS
+WINDOW_EPISODES = 48
+PUBLISH_INTERVAL_S = 10.0
+
+
+def moving_success(samples: list, window: int, until_s: float | None = None,
+                   every_s: float = 5.0) -> list[list[float]]:
+    """[[seconds, success rate of the last ``window`` episodes], ...] from cumulative
+    (seconds, episodes, successes) samples; a point every ``every_s`` once half a window has
+    ended (until then a rate says little)."""
+    pts = [s for s in samples if until_s is None or s[0] <= until_s + 1.0]
+    curve, next_t = [], 0.0
+    for i, (t, eps, succ) in enumerate(pts):
+        if eps < max(1, window // 2) or t < next_t:
+            continue
+        j = i  # the latest sample at least a window before this one
+        while j > 0 and eps - pts[j][1] < window:
+            j -= 1
+        e0, s0 = (pts[j][1], pts[j][2]) if eps - pts[j][1] >= window else (0, 0)
+        curve.append([round(t, 1), round((succ - s0) / (eps - e0), 4)])
+        next_t = t + every_s
+    return curve
+
+
+def time_to(curve: list, level: float) -> float | None:
+    """Seconds until the curve first reaches ``level`` (None: never)."""
+    return next((t for t, rate in curve if rate >= level - 1e-9), None)
+
+
+def async_speedup(sync: dict, asynchronous: dict) -> float | None:
+    """The synchronous run's time to its final success over the asynchronous run's time to the
+    same success (None when the asynchronous run never reaches it)."""
+    level = sync["final_success"]
+    t_sync, t_async = time_to(sync["curve"], level), time_to(asynchronous["curve"], level)
+    if t_sync is None or t_async is None or t_async <= 0:
+        return None
+    return round(t_sync / t_async, 3)
+
+
+def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=None,
+                 out_dir=None, *, window: int = WINDOW_EPISODES,
+                 publish_interval_s: float = PUBLISH_INTERVAL_S, seed: int = 0,
+                 cache_dir: str = ".tether-cache/pretrained") -> dict:
+    """One learning run at staleness S; returns {"staleness", "curve", "start_success",
+    "final_success", "episodes", "versions", ...}. Canary rollout is off (fraction 0): every
+    robot gets each version at once, so S alone sets how synchronous the fleet is."""
+    from sim.fleet import FleetConfig, run_fleet
+
+    out = pathlib.Path(out_dir) if out_dir else pathlib.Path(tempfile.mkdtemp(prefix="tether-learning-"))
+    config = FleetConfig(robots=robots, minutes=minutes, out=str(out / f"staleness-{staleness}"),
+                         tasks=tuple(tasks or LEARNING_TASKS), seed=seed,
+                         publish_interval_s=publish_interval_s, min_episodes=robots,
+                         staleness=staleness, canary_fraction=0.0, cache_dir=cache_dir)
+    summary = run_fleet(config)
+    samples = summary["samples"]
+    curve = moving_success(samples, window, until_s=minutes * 60)
+    episodes = max((s[1] for s in samples), default=0)
+    first = next((s for s in samples if s[1] >= window), samples[-1] if samples else [0, 0, 0])
+    updates = _updates(pathlib.Path(config.out) / "learner" / "updates.jsonl")
+    return {
+        "staleness": staleness, "robots": robots, "minutes": minutes, "tasks": list(config.tasks),
+        "window_episodes": window, "curve": curve,
+        "start_success": round(first[2] / first[1], 4) if first[1] else 0.0,
+        "final_success": curve[-1][1] if curve else 0.0,
+        "episodes": episodes, "versions": summary["latest_version"],
+        "success_rate_by_version": summary["success_rate_by_version"],
+        "gate_wait_frac": _gate_wait_frac(_statuses(config.out)),
+        "updates": len(updates),
+        "records_trained": sum(u.get("records", 0) for u in updates),
+        "dropped": {k: sum(u.get("dropped", {}).get(k, 0) for u in updates)
+                    for k in ("stale", "unusable", "masked", "incomplete")},
+        "out": str(config.out),
+    }
+
+
+def _updates(path: pathlib.Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def _gate_wait_frac(statuses: list[dict]) -> float:
+    """The fraction of control ticks robots spent waiting at the staleness gate."""
+    ticks = sum(s.get("control", {}).get("ticks", 0) for s in statuses)
+    return round(sum(s.get("gate_wait_ticks", 0) for s in statuses) / ticks, 4) if ticks else 0.0
+
+
+def _statuses(out: str) -> list[dict]:
+    found = []
+    for path in sorted(pathlib.Path(out).glob("robots/*/status.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    return found
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sim.bench_learning", description=__doc__.splitlines()[0])
+    p.add_argument("--staleness", default="0", help="comma-separated staleness values, e.g. 0,4")
+    p.add_argument("--minutes", type=float, default=15.0)
+    p.add_argument("--robots", type=int, default=8)
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default: LEARNING_TASKS)")
+    p.add_argument("--window", type=int, default=WINDOW_EPISODES, help="episodes per curve point")
+    p.add_argument("--publish-interval", type=float, default=PUBLISH_INTERVAL_S)
+    p.add_argument("--out-dir", default=None, help="where the fleets write (default: a temp dir)")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    a = p.parse_args(argv)
+    tasks = tuple(t for t in a.tasks.split(",") if t) or None
+    runs = [run_learning(int(s), a.minutes, a.robots, tasks, a.out_dir, window=a.window,
+                         publish_interval_s=a.publish_interval)
+            for s in a.staleness.split(",")]
+    result = {"learning": runs}
+    sync = next((r for r in runs if r["staleness"] == 0), None)
+    others = [r for r in runs if r["staleness"] > 0]
+    if sync and others:
+        result["async_speedup"] = async_speedup(sync, others[0])
+    text = json.dumps(result, indent=1)
+    if a.out:
+        pathlib.Path(a.out).write_text(text)
+    for r in runs:
+        print(f"staleness {r['staleness']}: start {r['start_success']:.3f} -> final "
+              f"{r['final_success']:.3f} over {r['episodes']} episodes, {r['versions']} versions")
+    if "async_speedup" in result:
+        print(f"async speedup: {result['async_speedup']}")
+    print(text if not a.out else f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
