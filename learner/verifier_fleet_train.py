@@ -5,10 +5,13 @@ with the policy that is being published (so ``features`` and ``mean`` are what t
 will hand the scorer on the robot):
 
 - safety label: ``chunk_labels`` over the episode's ticks, a chunk's executed span counting as
-  intervened when its record says ``verifier.actions_clamped > 0``; failure = the episode ended
-  (terminated or truncated) without ``success``;
+  intervened when its record says ``verifier.actions_clamped > 0`` (the recorder counts
+  interventions beyond plain saturation there); failure = the episode *terminated* without
+  ``success`` (a time limit is not a failure);
 - advantage: discounted chunk-level returns minus the value head's estimate, normalized;
-- candidate chunk: the executed rows at their offsets, the policy mean elsewhere.
+- candidate chunk: as the robot's candidates look: the committed prefix, the executed rows at
+  their offsets, and fresh draws from the policy's Gaussian elsewhere (filling those rows with
+  the mean made every real candidate look unlike anything the scorer was trained on).
 
 Cheap by design (the fleet runs on 2 cores): one no-grad pass over at most the replay window,
 a few epochs of the small scorer, warm-started from the previous version's scorer.
@@ -42,33 +45,39 @@ class FleetScorerConfig:
 
 
 def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
-                minibatch: int = 64) -> ScorerData | None:
+                minibatch: int = 64, seed: int = 0) -> ScorerData | None:
     """``episodes``: complete, usable episodes of records (sorted by seq). None if empty."""
     flat = [r for ep in episodes for r in ep]
     if not flat:
         return None
     batch = decode(flat, spec)
-    feats, means, values = [], [], []
+    feats, means, stds, values = [], [], [], []
     with torch.no_grad():
         for s in range(0, len(batch), minibatch):
             part = batch.select(torch.arange(s, min(s + minibatch, len(batch))))
-            mean, _, f = model(*part.inputs())
+            mean, log_std, f = model(*part.inputs())
             _, _, v = model.policy_and_value(*part.inputs())
             feats.append(f)
             means.append(mean)
+            stds.append(log_std.exp())
             values.append(v)
     mean = torch.cat(means)
+    gen = torch.Generator().manual_seed(seed)
+    drawn = mean + torch.cat(stds) * torch.randn(mean.shape, generator=gen)
+    h = mean.shape[1]
+    committed = (torch.arange(h)[None] < batch.prefix_len[:, None]).unsqueeze(-1)
     rows = batch.row_mask.unsqueeze(-1) > 0
-    actions = torch.where(rows, batch.actions, mean).numpy()
+    actions = torch.where(rows, batch.actions, torch.where(committed, batch.prefix, drawn)).numpy()
     values = torch.cat(values).double().numpy()
     safe, adv, success, episode = [], [], [], []
     i = 0
     for e, ep in enumerate(episodes):
         n = np.array([max(len(r.offsets), 1) for r in ep])
         start = np.concatenate([[0], np.cumsum(n)[:-1]])
-        clamped = np.repeat([r.verifier.actions_clamped > 0 for r in ep], n)
+        intervened = np.repeat([r.verifier.actions_clamped > 0 for r in ep], n)
         won = any(r.success for r in ep)
-        safe.append(chunk_labels(list(zip(start, n)), clamped, int(n.sum()), won, lookahead))
+        failed = not won and any(r.terminated for r in ep)
+        safe.append(chunk_labels(list(zip(start, n)), intervened, int(n.sum()), failed, lookahead))
         g = discounted_returns(np.array([r.reward for r in ep]), gamma)
         adv.append(g - values[i:i + len(ep)])
         success.append(np.full(len(ep), won))

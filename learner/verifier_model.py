@@ -12,8 +12,8 @@ Outputs:
   advantage float32 [B]  estimated advantage of the chunk (normalized return units)
   logit     float32 [B]  the uncalibrated safety logit (for diagnostics)
 
-The temperature of the calibration is a buffer of the module, so the exported graph emits
-calibrated probabilities directly.
+The calibration (Platt: ``p_safe = sigmoid(scale * logit + bias)``) is a pair of buffers of
+the module, so the exported graph emits calibrated probabilities directly.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ class ChunkScorer(nn.Module):
                                   nn.Linear(c.width, c.width), nn.ReLU())
         self.safety = nn.Linear(c.width, 1)
         self.adv = nn.Linear(c.width, 1)
-        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("calib_scale", torch.ones(()))
+        self.register_buffer("calib_bias", torch.zeros(()))
 
     def forward(self, features, state, mean, actions):
         dev = actions - mean
@@ -62,7 +63,7 @@ class ChunkScorer(nn.Module):
         h = self.body(torch.cat([self.context(torch.cat([features, state], -1)),
                                  self.chunk(chunk)], -1))
         logit = self.safety(h).squeeze(-1)
-        p_safe = torch.sigmoid(logit / self.temperature)
+        p_safe = torch.sigmoid(self.calib_scale * logit + self.calib_bias)
         return p_safe, self.adv(h).squeeze(-1), logit
 
 

@@ -1,14 +1,18 @@
 """Training the chunk scorer from fleet outcomes (torch; learner side).
 
-Labels, per executed chunk (``chunk_labels``): *unsafe* if the envelope intervened on any tick
-from the chunk's first executed tick to T ticks after its last, or the episode failed (ended
-without success) within T ticks after the chunk. Advantage targets are discounted chunk-level
-returns minus a value estimate (the learner's value head, or a per-task baseline when none).
+Labels, per executed chunk (``chunk_labels``): *unsafe* if the envelope intervened (beyond plain
+saturation at the action bounds: ``Envelope.intervened``) on any tick from the chunk's first
+executed tick to T ticks after its last, or the episode failed within T ticks after the chunk.
+Failure is the simulator's failure signal, an episode that *terminated* without success; running
+out of time (truncation) is not a safety event and is not predictable from one chunk, so it is
+not labelled unsafe. Advantage targets are discounted chunk-level returns minus a value estimate
+(the learner's value head, or a per-task baseline when none).
 
-Losses: focal loss on the safety logit (the unsafe class is the rare one), MSE on the
-advantage. Calibration: a temperature fitted by NLL on held-out episodes (baked into the
-exported graph), then the decision threshold: the largest one whose false-reject rate on the
-calibration chunks that were safe and led to success stays within ``max_false_reject``.
+Losses: focal loss on the safety logit, MSE on the advantage. Calibration on held-out episodes:
+Platt scaling (``sigmoid(scale * logit + bias)``, fitted by NLL; a temperature alone cannot move
+the base rate) baked into the exported graph, then the decision threshold: the largest one whose
+false-reject rate on the calibration chunks that were safe and led to success stays within
+``max_false_reject``, and at most ``max_threshold`` (a veto means "more likely unsafe than safe").
 """
 from __future__ import annotations
 
@@ -36,12 +40,17 @@ class ScorerTrainConfig:
     minibatch: int = 256
     calib_fraction: float = 0.25   # episodes held out to fit temperature and threshold
     max_false_reject: float = 0.05
+    # a veto also needs the calibrated P(safe) below this (more likely unsafe than safe): a
+    # scorer that learned little gives every chunk about the base rate, and a quantile-based
+    # threshold alone would then veto on noise (seen in fleet runs: 29% of decisions)
+    max_threshold: float = 0.5
     seed: int = 0
 
     def __post_init__(self):
         if self.lookahead_ticks < 0 or self.epochs < 1 or self.minibatch < 1 or self.lr <= 0:
             raise ValueError(f"ScorerTrainConfig: invalid sizes: {self}")
-        if not 0 < self.calib_fraction < 1 or not 0 <= self.max_false_reject < 1:
+        if (not 0 < self.calib_fraction < 1 or not 0 <= self.max_false_reject < 1
+                or not 0 <= self.max_threshold <= 1):
             raise ValueError(f"ScorerTrainConfig: calib_fraction in (0, 1), max_false_reject "
                              f"in [0, 1): {self}")
 
@@ -75,8 +84,12 @@ class ScorerData:
 class TrainedScorer:
     model: ChunkScorer
     threshold: float
-    temperature: float
+    calibration: tuple[float, float]   # Platt (scale, bias) on the safety logit
     metrics: dict
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.calibration[0] if self.calibration[0] else float("inf")
 
     def onnx_bytes(self) -> bytes:
         return scorer_onnx_bytes(self.model)
@@ -86,24 +99,26 @@ class TrainedScorer:
         c = self.model.config
         return {"file": "verifier.onnx", "inputs": ["features", "state", "mean", "actions"],
                 "outputs": ["p_safe", "advantage", "logit"], "threshold": self.threshold,
-                "temperature": self.temperature, "features": c.features,
+                "calibration": {"scale": self.calibration[0], "bias": self.calibration[1]},
+                "features": c.features,
                 "state_dim": c.state_dim, "horizon": c.horizon, "action_dim": c.action_dim,
                 "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}}
 
 
-def chunk_labels(chunk_ticks: list[tuple[int, int]], clamped: np.ndarray, episode_len: int,
-                 success: bool, lookahead: int) -> np.ndarray:
+def chunk_labels(chunk_ticks: list[tuple[int, int]], intervened: np.ndarray, episode_len: int,
+                 failed: bool, lookahead: int) -> np.ndarray:
     """Safety labels (1 safe, 0 unsafe) for an episode's chunks.
 
-    ``chunk_ticks``: [(first tick, ticks executed)] per chunk; ``clamped`` [episode_len] bool:
-    the envelope intervened at that tick; failure = the episode ended without success."""
-    clamped = np.asarray(clamped, bool)
+    ``chunk_ticks``: [(first tick, ticks executed)] per chunk; ``intervened`` [episode_len]
+    bool: the envelope intervened at that tick; ``failed``: the episode terminated in failure
+    (not a success, not a time limit)."""
+    intervened = np.asarray(intervened, bool)
     out = np.ones(len(chunk_ticks), np.float32)
     for i, (start, n) in enumerate(chunk_ticks):
         end = start + max(int(n), 1)
-        if clamped[start:min(end + lookahead, episode_len)].any():
+        if intervened[start:min(end + lookahead, episode_len)].any():
             out[i] = 0.0
-        elif not success and end + lookahead >= episode_len:
+        elif failed and end + lookahead >= episode_len:
             out[i] = 0.0
     return out
 
@@ -145,6 +160,31 @@ def fit_temperature(logit: np.ndarray, safe: np.ndarray) -> float:
     return float(fine[int(np.argmin([nll(t) for t in fine]))])
 
 
+def fit_platt(logit: np.ndarray, safe: np.ndarray, iters: int = 100) -> tuple[float, float]:
+    """(scale, bias) minimizing the NLL of ``sigmoid(scale * logit + bias)`` (Newton steps on
+    a 2-parameter logistic regression, started from the temperature fit). A negative scale
+    (the held-out chunks rank the other way round: the scorer learned nothing that holds up,
+    typical of a fleet scorer trained on a handful of episodes) becomes scale 0: every chunk
+    gets the base rate, and the threshold then lets every candidate pass."""
+    x, y = np.asarray(logit, np.float64), np.asarray(safe, np.float64)
+    if len(x) == 0 or y.min() == y.max():  # one class only: nothing to scale against
+        return 1.0, 0.0
+    w = np.array([1.0 / fit_temperature(x, y), 0.0])
+    X = np.stack([x, np.ones_like(x)], 1)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        g = X.T @ (p - y) / len(x)
+        hess = (X * (p * (1 - p))[:, None]).T @ X / len(x) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, g)
+        w = w - step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    if not np.all(np.isfinite(w)) or w[0] <= 0:
+        rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+        return 0.0, float(np.log(rate / (1 - rate)))
+    return float(w[0]), float(w[1])
+
+
 def pick_threshold(p_safe: np.ndarray, good: np.ndarray, max_false_reject: float) -> float:
     """The largest threshold that rejects at most ``max_false_reject`` of the ``good`` chunks."""
     p = np.sort(np.asarray(p_safe, np.float64)[np.asarray(good, bool)])
@@ -174,7 +214,8 @@ def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig
         n, h, a = data.actions.shape
         model = ChunkScorer(ScorerConfig(features=data.features.shape[1],
                                          state_dim=data.state.shape[1], horizon=h, action_dim=a))
-    model.temperature.fill_(1.0)
+    model.calib_scale.fill_(1.0)
+    model.calib_bias.fill_(0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     x = _tensors(train)
     safe = torch.from_numpy(train.safe.astype(np.float32))
@@ -201,18 +242,20 @@ def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig
     with torch.no_grad():
         _, _, logit_c = model(*_tensors(calib))
     logit_c = logit_c.numpy()
-    temperature = fit_temperature(logit_c, calib.safe)
-    model.temperature.fill_(temperature)
-    p_c = 1.0 / (1.0 + np.exp(-logit_c / temperature))
+    scale, bias = fit_platt(logit_c, calib.safe)
+    model.calib_scale.fill_(scale)
+    model.calib_bias.fill_(bias)
+    p_c = 1.0 / (1.0 + np.exp(-(scale * logit_c + bias)))
     good = (calib.safe > 0.5) & calib.led_to_success
-    threshold = pick_threshold(p_c, good, c.max_false_reject)
+    threshold = min(pick_threshold(p_c, good, c.max_false_reject), c.max_threshold)
     metrics = {"chunks_train": len(train), "chunks_calib": len(calib),
                "unsafe_frac": float(1 - data.safe.mean()), "steps": steps,
                "loss_focal": sums["focal"] / max(steps, 1), "loss_adv": sums["adv_mse"] / max(steps, 1),
                "calib_ece": expected_calibration_error(p_c, calib.safe)}
-    log.info("scorer: %d chunks (%.1f%% unsafe), temperature %.3f, threshold %.3f, calib ECE %.4f",
-             len(data), 100 * metrics["unsafe_frac"], temperature, threshold, metrics["calib_ece"])
-    return TrainedScorer(model, threshold, temperature, metrics)
+    log.info("scorer: %d chunks (%.1f%% unsafe), Platt %.3f/%.3f, threshold %.3f, calib ECE "
+             "%.4f", len(data), 100 * metrics["unsafe_frac"], scale, bias, threshold,
+             metrics["calib_ece"])
+    return TrainedScorer(model, threshold, (scale, bias), metrics)
 
 
 def predict(model: ChunkScorer, data: ScorerData) -> tuple[np.ndarray, np.ndarray]:

@@ -3,14 +3,17 @@
 1. The pretrained reference policy (cached) and a degraded copy (Gaussian noise of std
    ``--noise`` added to every action) roll out with the verifier off, collecting training
    chunks on their own seeds.
-2. The scorer trains on them (focal + advantage regression; temperature and threshold
-   calibrated on held-out training episodes) and is exported to ONNX.
+2. The scorer trains on them (focal + advantage regression; Platt calibration and threshold
+   fitted on held-out training episodes) and is exported to ONNX.
 3. Each policy runs the same task variations (same seeds) with the verifier off / filter /
-   filter+resample (P(safe) vetoes, passing candidates are ranked as in ``SchedulerConfig``:
-   by default nearest the policy mean; ``--advantage-weight`` / ``--safety-weight`` change it): success rate with a Wilson 95% interval, mean steps, and the paired
-   difference to "off" with its 95% interval.
-4. Latency of one scheduler decision with K = 1, 4, 16 candidates (ORT on CPU, one thread),
-   ECE of P(safe) and the false-reject rate on the held-out evaluation episodes (verifier off).
+   filter+resample (P(safe) vetoes, a passing candidate is chosen as ``SchedulerConfig``
+   says: by default likelihood selection towards the policy's declared Gaussian over the rows
+   that will run): success rate with a Wilson 95% interval, mean steps, and the paired
+   difference to "off" with its 95% interval. One ablation, the degraded policy in filter mode
+   with the scorer's veto switched off (threshold 0), separates the selection from the veto.
+4. Latency of one scheduler decision with K = 1, 4, 16, 64 candidates (ORT on CPU, one
+   thread), ECE of P(safe) and the false-reject rate on the held-out evaluation episodes
+   (verifier off).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from verifier.scheduler import SchedulerConfig, VerifierScheduler
 
 PRETRAINED = ".tether-cache/pretrained"
 
@@ -43,7 +48,9 @@ def paired_ci(a: np.ndarray, b: np.ndarray) -> dict:
             "ci95": [round(float(d.mean() - 1.96 * se), 4), round(float(d.mean() + 1.96 * se), 4)]}
 
 
-def rollouts(runner, tasks, episodes, seed, scheduler_for, noise, log):
+def rollouts(runner, tasks, episodes, seed, scheduler_for, noise, log, stats=None):
+    """``episodes`` per task on the task's fixed seeds; ``stats`` (a list) collects each
+    task's scheduler stats."""
     from sim.metaworld_robot import MetaWorldRobot
     from sim.verifier_rollout import run_episode
     from verifier.envelope import Envelope
@@ -59,6 +66,8 @@ def rollouts(runner, tasks, episodes, seed, scheduler_for, noise, log):
                        for _ in range(episodes))
         finally:
             robot.close()
+        if stats is not None:
+            stats.append(scheduler.stats())
     log(f"  {len(out)} episodes, success {np.mean([e.success for e in out]):.3f}")
     return out
 
@@ -72,7 +81,7 @@ def to_data(episodes, lookahead: int, gamma: float, baseline: dict | None, first
         if not e.rows:
             continue
         safe = chunk_labels([(r["start"], r["n"]) for r in e.rows], e.clamped, e.steps,
-                            e.success, lookahead)
+                            e.failed, lookahead)
         g = discounted_returns(np.array([r["reward"] for r in e.rows]), gamma)
         returns.append((e.task, g))
         parts.append((e, safe, g))
@@ -98,26 +107,44 @@ def to_data(episodes, lookahead: int, gamma: float, baseline: dict | None, first
     return ScorerData.concat(rows), baseline
 
 
-def latency(scorer, runner, ks, reps: int) -> list[dict]:
+def latency(scorer, runner, ks, reps: int, execute: int, resample: SchedulerConfig,
+            noise: float) -> list[dict]:
+    """One scheduler decision (draws, ORT scorer, selection), filter mode with K candidates;
+    and the ``resample`` config on the degraded policy's candidates (its extra rounds)."""
     from verifier.metrics import percentiles_ms
-    from verifier.scheduler import SchedulerConfig, VerifierScheduler
     from sim.verifier_rollout import make_draw
 
     out = runner.infer(runner.synthetic_observation())
     state = np.zeros(runner.manifest.inputs["state_dim"], np.float32)
     rng = np.random.default_rng(0)
     rows = []
-    for k in ks:
-        s = VerifierScheduler(scorer, SchedulerConfig(mode="filter", k=k, threshold=0.0))
-        draw = make_draw(out.mean, out.log_std, rng, 1.0, 0.0)
-        secs = []
+    runs = [(k, "filter", SchedulerConfig(mode="filter", k=k, threshold=0.0), 0.0) for k in ks]
+    runs.append((resample.k, "resample (degraded)", resample, noise))
+    for k, mode, config, noise_k in runs:
+        s = VerifierScheduler(scorer, config)
+        draw = make_draw(out.mean, out.log_std, rng, 1.0, noise_k)
+        secs, rounds = [], []
         for i in range(reps + 20):
             _, v = s.choose(draw, runner.horizon, runner.action_dim, features=out.features,
-                            state=state, mean=out.mean)
+                            state=state, mean=out.mean, log_std=out.log_std, rows=(0, execute))
             if i >= 20:
                 secs.append(v.seconds)
-        rows.append({"k": k, **percentiles_ms(secs), "reps": reps})
+                rounds.append(v.rounds)
+        rows.append({"k": k, "mode": mode, **percentiles_ms(secs), "reps": reps,
+                     "mean_rounds": round(float(np.mean(rounds)), 2)})
     return rows
+
+
+def _row(name, mode, eps, tasks) -> dict:
+    wins = np.array([e.success for e in eps], float)
+    return {"policy": name, "mode": mode, "episodes": len(eps),
+            "success_rate": round(float(wins.mean()), 4),
+            "ci95": wilson(int(wins.sum()), len(eps)),
+            "mean_steps": round(float(np.mean([e.steps for e in eps])), 2),
+            "hold_ticks_per_episode": round(float(np.mean([e.holds for e in eps])), 2),
+            "vetoed_chunks_per_episode": round(float(np.mean([e.rejected_chunks for e in eps])), 2),
+            "by_task": {t: round(float(np.mean([e.success for e in eps if e.task == t])), 4)
+                        for t in tasks}}
 
 
 def run(args, log=print) -> dict:
@@ -126,7 +153,6 @@ def run(args, log=print) -> dict:
     from runtime.policy import PolicyRunner
     from sim.tasks import DEFAULT_TASKS
     from verifier.metrics import expected_calibration_error, false_reject_rate
-    from verifier.scheduler import SchedulerConfig, VerifierScheduler
     from verifier.scorer import OnnxScorer
 
     t0 = time.monotonic()
@@ -142,56 +168,70 @@ def run(args, log=print) -> dict:
         train_eps += rollouts(runner, tasks, args.train_episodes, 50_000 + 1000 * i, off, noise, log)
     data, baseline = to_data(train_eps, tcfg.lookahead_ticks, 0.9, None, 0)
     trained = train_scorer(data, tcfg)
+
+    def config(mode: str, **kw) -> SchedulerConfig:
+        return SchedulerConfig(mode=mode, k=args.k, budget_ms=args.budget_ms,
+                               max_rounds=args.max_rounds, selection=args.selection,
+                               advantage_weight=args.advantage_weight,
+                               safety_weight=args.safety_weight,
+                               proximity_weight=args.proximity_weight, seed=args.seed, **kw)
+
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "verifier.onnx"
         path.write_bytes(trained.onnx_bytes())
         scorer = OnnxScorer(path, trained.threshold, state_mean=runner._state_mean,
                              state_std=runner._state_std)
         results, held_out, per_episode = [], [], {}
-        for name, noise in policies.items():
-            for mode in ("off", "filter", "resample"):
-                log(f"evaluating {name} / {mode}")
-                make = (off if mode == "off" else
-                        (lambda env, m=mode: VerifierScheduler(
-                            scorer, SchedulerConfig(mode=m, k=args.k, budget_ms=args.budget_ms,
-                                                    max_rounds=args.max_rounds,
-                                                    advantage_weight=args.advantage_weight,
-                                                    safety_weight=args.safety_weight,
-                                                    proximity_weight=args.proximity_weight), env)))
-                eps = rollouts(runner, tasks, args.episodes, args.seed, make, noise, log)
-                wins = np.array([e.success for e in eps], float)
-                per_episode[(name, mode)] = wins
-                row = {"policy": name, "mode": mode, "episodes": len(eps),
-                       "success_rate": round(float(wins.mean()), 4),
-                       "ci95": wilson(int(wins.sum()), len(eps)),
-                       "mean_steps": round(float(np.mean([e.steps for e in eps])), 2),
-                       "hold_ticks_per_episode": round(float(np.mean([e.holds for e in eps])), 2),
-                       "by_task": {t: round(float(np.mean([e.success for e in eps if e.task == t])), 4)
-                                   for t in tasks}}
-                if mode != "off":
-                    row["vs_off"] = paired_ci(wins, per_episode[(name, "off")])
+        conditions = [(name, mode, {}) for name in policies
+                      for mode in ("off", "filter", "resample")]
+        if not args.no_ablation:
+            conditions.append(("degraded", "filter", {"threshold": 0.0}))
+        ablations = []
+        for name, mode, kw in conditions:
+            log(f"evaluating {name} / {mode}{' (no veto)' if kw else ''}")
+            make = (off if mode == "off" else
+                    (lambda env, m=mode, kw=kw: VerifierScheduler(scorer, config(m, **kw), env)))
+            stats: list = []
+            eps = rollouts(runner, tasks, args.episodes, args.seed, make, policies[name], log,
+                           stats)
+            row = _row(name, mode, eps, tasks)
+            if mode != "off":
+                row["verifier"] = {key: sum(int(st.get(key, 0)) for st in stats) for key in
+                                   ("chunks_checked", "chunks_rejected", "veto_overrides",
+                                    "scorers_distrusted", "resample_rounds")}
+            wins = np.array([e.success for e in eps], float)
+            if mode == "off":
+                per_episode[name] = wins
+                held_out += eps
+            else:
+                row["vs_off"] = paired_ci(wins, per_episode[name])
+            if kw:
+                ablations.append({**row, "ablation": "selection only: the scorer's veto off "
+                                                     "(threshold 0)"})
+            else:
                 results.append(row)
-                if mode == "off":
-                    held_out += eps
-        lat = latency(scorer, runner, (1, 4, 16), args.latency_reps)
+        lat = latency(scorer, runner, (1, 4, 16, 64), args.latency_reps, 4,
+                      config("resample"), args.noise)
     test, _ = to_data(held_out, tcfg.lookahead_ticks, 0.9, baseline, 10 ** 6)
     p, _ = predict(trained.model, test)
     good = (test.safe > 0.5) & test.led_to_success
     return {
-        "success": results, "latency_ms": lat,
+        "success": results, "ablations": ablations, "latency_ms": lat,
         "ece": round(expected_calibration_error(p, test.safe), 4),
         "false_reject_rate": round(false_reject_rate(p, good, trained.threshold), 4),
         "held_out_chunks": len(test), "held_out_unsafe_frac": round(float(1 - test.safe.mean()), 4),
-        "threshold": round(trained.threshold, 4), "temperature": round(trained.temperature, 4),
+        "threshold": round(trained.threshold, 4),
+        "calibration": [round(x, 4) for x in trained.calibration],
         "train": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in trained.metrics.items()},
         "settings": {"tasks": list(tasks), "k": args.k, "noise": args.noise,
-                     "budget_ms": args.budget_ms, "max_rounds": args.max_rounds,
-                     "advantage_weight": args.advantage_weight,
+                     "selection": args.selection, "budget_ms": args.budget_ms,
+                     "max_rounds": args.max_rounds, "advantage_weight": args.advantage_weight,
                      "safety_weight": args.safety_weight,
                      "proximity_weight": args.proximity_weight,
                      "train_episodes_per_task_and_policy": args.train_episodes,
                      "episodes_per_task": args.episodes, "lookahead_ticks": args.lookahead,
-                     "seed": args.seed, "execute_per_chunk": 4, "policy_temperature": 1.0},
+                     "intervention_tol": 0.2, "seed": args.seed, "execute_per_chunk": 4,
+                     "policy_temperature": 1.0},
         "seconds": round(time.monotonic() - t0, 1),
     }
 
@@ -199,21 +239,25 @@ def run(args, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether bench verifier", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--episodes", type=int, default=60, help="evaluation episodes per task and condition")
+    p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per task and condition")
     p.add_argument("--train-episodes", type=int, default=40, help="training episodes per task and policy")
     p.add_argument("--tasks", default="", help="comma-separated Meta-World tasks (default: the fleet's)")
-    p.add_argument("--k", type=int, default=16, help="candidates per chunk")
+    p.add_argument("--k", type=int, default=64, help="candidates per chunk")
     p.add_argument("--noise", type=float, default=0.5, help="action noise std of the degraded policy")
-    p.add_argument("--budget-ms", type=float, default=10.0, help="resample budget per chunk")
+    p.add_argument("--selection", default="likelihood", choices=("likelihood", "rank"),
+                   help="how a passing candidate is chosen (SchedulerConfig.selection)")
+    p.add_argument("--budget-ms", type=float, default=SchedulerConfig.budget_ms,
+                   help="resample budget per chunk")
     p.add_argument("--max-rounds", type=int, default=4, help="sampling rounds in resample mode")
     p.add_argument("--proximity-weight", type=float, default=1.0,
-                   help="ranking weight of a candidate's distance from the policy mean")
+                   help="rank selection: weight of a candidate's distance from the policy mean")
     p.add_argument("--advantage-weight", type=float, default=0.0,
-                   help="ranking weight of the predicted advantage among passing candidates")
+                   help="weight of the predicted advantage among passing candidates")
     p.add_argument("--safety-weight", type=float, default=0.0,
-                   help="ranking weight of P(safe) among passing candidates")
+                   help="weight of P(safe) among passing candidates")
     p.add_argument("--lookahead", type=int, default=8, help="T: ticks after a chunk for its label")
     p.add_argument("--latency-reps", type=int, default=500)
+    p.add_argument("--no-ablation", action="store_true", help="skip the no-veto ablation run")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.episodes < 2 or a.train_episodes < 2:
@@ -222,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    for r in result["success"]:
+    for r in result["success"] + result["ablations"]:
         print(f"{r['policy']:9s} {r['mode']:8s} success {r['success_rate']:.3f} {r['ci95']} "
-              f"steps {r['mean_steps']:.1f} {r.get('vs_off', '')}")
+              f"steps {r['mean_steps']:.1f} {r.get('vs_off', '')} {r.get('ablation', '')}")
     print("latency", result["latency_ms"], "ece", result["ece"], "false_reject",
           result["false_reject_rate"])
     return 0

@@ -4,8 +4,8 @@ Each chunk: one policy call (ORT) gives the Gaussian's mean, log_std and feature
 draws from that Gaussian (plus ``noise`` for the deliberately degraded policy); the scheduler
 picks one (or none: then the previous chunk's remainder runs, or the robot holds); the first
 ``execute`` rows go through the envelope to the robot. Every executed chunk is kept as a
-training row for the scorer (features, state, mean, chosen chunk, envelope interventions,
-rewards) so the same loop collects data and evaluates.
+training row for the scorer (features, state, mean, chosen chunk, envelope interventions beyond
+plain saturation, rewards) so the same loop collects data and evaluates.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class Episode:
     holds: int
     rejected_chunks: int
     rows: list  # per executed chunk: dict(features, state, mean, actions, start, n, reward)
-    clamped: np.ndarray  # [steps] bool
+    clamped: np.ndarray  # [steps] bool: the envelope intervened beyond plain saturation
+    failed: bool = False  # terminated without success (a time limit is not a failure)
 
 
 def make_draw(mean, log_std, rng: np.random.Generator, temperature: float, noise: float):
@@ -41,25 +42,16 @@ def make_draw(mean, log_std, rng: np.random.Generator, temperature: float, noise
     return draw
 
 
-def intervention(envelope: Envelope, want: np.ndarray, sent: np.ndarray) -> float:
-    """How far the envelope moved a command beyond plain saturation at the action bounds
-    (saturating at a bound is routine for these policies, not unsafe); non-finite -> inf."""
-    want = np.asarray(want, np.float64)
-    if not np.all(np.isfinite(want)):
-        return float("inf")
-    return float(np.max(np.abs(np.clip(want, envelope.low, envelope.high) - sent)))
-
-
 def run_episode(robot, runner: PolicyRunner, scheduler: VerifierScheduler, envelope: Envelope,
                 rng: np.random.Generator, *, noise: float = 0.0, temperature: float = 1.0,
-                execute: int = 4, tolerance: float = 0.2) -> Episode:
+                execute: int = 4) -> Episode:
     h, a = runner.horizon, runner.action_dim
     obs = robot.reset()
     envelope.reset()
     last_cmd = None
     remainder: np.ndarray | None = None
     rows, clamped_ticks = [], []
-    success = done = False
+    success = done = failed = False
     holds = rejected = 0
     state_mean, state_std = runner._state_mean, runner._state_std
     while not done:
@@ -67,7 +59,8 @@ def run_episode(robot, runner: PolicyRunner, scheduler: VerifierScheduler, envel
         state_n = ((obs.state - state_mean) / state_std).astype(np.float32)
         chunk, verdict = scheduler.choose(
             make_draw(out.mean, out.log_std, rng, temperature, noise), h, a,
-            features=out.features, state=obs.state, mean=out.mean)
+            features=out.features, state=obs.state, mean=out.mean, log_std=out.log_std,
+            rows=(0, execute))
         row = None
         if chunk is None:
             rejected += 1
@@ -88,16 +81,18 @@ def run_episode(robot, runner: PolicyRunner, scheduler: VerifierScheduler, envel
             cmd, was_clamped, _ = envelope.apply(want, last_cmd, obs.state)
             res = robot.send_action(cmd)
             last_cmd = cmd
-            clamped_ticks.append(bool(was_clamped) and intervention(envelope, want, cmd) > tolerance)
+            # an intervention beyond plain saturation at the action bounds (Envelope.intervened)
+            clamped_ticks.append(bool(was_clamped) and envelope.intervened())
             if row is not None:
                 row["n"] += 1
                 row["reward"] += res.reward
             success = success or res.success
             done = res.terminated or res.truncated
+            failed = failed or (res.terminated and not success)
             obs = robot.observe()
             if done:
                 break
         if row is not None:
             rows.append(row)
     return Episode(robot.task, success, len(clamped_ticks), holds, rejected, rows,
-                   np.asarray(clamped_ticks, bool))
+                   np.asarray(clamped_ticks, bool), failed)

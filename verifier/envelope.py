@@ -13,6 +13,12 @@ allows) hard limits win over velocity, and velocity over acceleration; that is c
 
 ``on_violation="clamp"`` moves a violating command to the nearest allowed one;
 ``"reject"`` sends the (limited) hold action instead.
+
+Saturating at the action bounds is routine for many policies and is not what a safety label
+should learn from, so besides counting every change (``actions_clamped``) the envelope measures
+how far it moved each command beyond plain saturation (``last_intervention``, command units;
+inf for a non-finite command) and counts the commands moved more than ``intervention_tol``
+(``interventions``): those are the interventions the verifier's "unsafe" label is made of.
 """
 from __future__ import annotations
 
@@ -28,9 +34,16 @@ _TOL = 1e-6
 
 
 class Envelope:
-    def __init__(self, description: RobotDescription, on_violation: str = "clamp"):
+    def __init__(self, description: RobotDescription, on_violation: str = "clamp",
+                 intervention_tol: float = 0.2):
         if on_violation not in ("clamp", "reject"):
             raise ValueError(f"on_violation must be 'clamp' or 'reject', got {on_violation!r}")
+        if not intervention_tol >= 0:
+            raise ValueError(f"intervention_tol must be >= 0 (command units), "
+                             f"got {intervention_tol}")
+        self.intervention_tol = float(intervention_tol)
+        self.interventions = 0
+        self.last_intervention = 0.0
         self.description = description
         self.on_violation = on_violation
         self.low, self.high = description.bounds()
@@ -104,6 +117,7 @@ class Envelope:
         if cmd.shape != self.low.shape:
             raise ValueError(f"command has shape {cmd.shape}, the robot takes "
                              f"{self.low.shape} ({self.description.joints})")
+        wanted = cmd
         if not np.all(np.isfinite(cmd)):
             reasons.append("nonfinite")
             cmd = self.hold(None if last is None else last).astype(np.float64)
@@ -118,6 +132,9 @@ class Envelope:
         if infeasible.any():
             reasons.append("infeasible")
         out = out.astype(np.float32)
+        self.last_intervention = (float(np.max(np.abs(np.clip(wanted, self.low, self.high) - out)))
+                                  if np.all(np.isfinite(wanted)) else float("inf"))
+        self.interventions += int(self.intervened())
         clamped = bool(reasons)
         for r in reasons:
             self.counts[r] += 1
@@ -125,6 +142,10 @@ class Envelope:
         self._last2 = None if last is None else np.asarray(last, np.float64)
         self._last = out.astype(np.float64)
         return out, clamped, tuple(dict.fromkeys(reasons))
+
+    def intervened(self) -> bool:
+        """Whether the last command was moved beyond plain saturation (by > intervention_tol)."""
+        return self.last_intervention > self.intervention_tol
 
     def _why(self, cmd, changed, last, state) -> list[str]:
         """Which limits a command broke, for the intervention counters."""
@@ -150,4 +171,5 @@ class Envelope:
 
     def stats(self) -> dict:
         return {"commands": self.commands, "actions_clamped": self.actions_clamped,
+                "interventions": self.interventions,
                 **{f"by_{r}": int(self.counts[r]) for r in REASONS}}

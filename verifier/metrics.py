@@ -47,6 +47,8 @@ class VerifierMetrics:
         self.candidates = 0
         self.candidates_rejected = 0
         self.resample_rounds = 0      # rounds beyond the first
+        self.veto_overrides = 0       # vetoed decisions let through to bound the hold
+        self.events: collections.Counter[str] = collections.Counter()
         self._seconds: collections.deque = collections.deque(maxlen=window)
         self._chosen_p: collections.deque = collections.deque(maxlen=window)
 
@@ -57,15 +59,21 @@ class VerifierMetrics:
             self.candidates += int(verdict.candidates)
             self.candidates_rejected += int(verdict.rejected)
             self.resample_rounds += max(0, int(verdict.rounds) - 1)
+            self.veto_overrides += int(getattr(verdict, "override", False))
             self._seconds.append(float(verdict.seconds))
             if verdict.accepted and verdict.scores:
                 self._chosen_p.append(float(verdict.scores[verdict.chosen]))
+
+    def count(self, event: str, n: int = 1) -> None:
+        with self._lock:
+            self.events[event] += n
 
     def stats(self) -> dict:
         with self._lock:
             return {"chunks_checked": self.chunks_checked, "chunks_rejected": self.chunks_rejected,
                     "candidates": self.candidates, "candidates_rejected": self.candidates_rejected,
                     "resample_rounds": self.resample_rounds,
+                    "veto_overrides": self.veto_overrides, **dict(self.events),
                     "chosen_p_safe_mean": round(float(np.mean(self._chosen_p)), 4)
                     if self._chosen_p else None,
                     **{f"time_{k}_ms": v for k, v in percentiles_ms(self._seconds).items()}}

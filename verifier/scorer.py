@@ -7,11 +7,13 @@ outputs ``p_safe`` [B] (calibrated), ``advantage`` [B], ``logit`` [B].
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Protocol
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
 class CandidateScorer(Protocol):
     """Scores K candidate chunks of one observation in one call.
@@ -53,13 +55,24 @@ class OnnxScorer:
 
     @classmethod
     def from_artifact(cls, artifact_dir: str | pathlib.Path, manifest) -> "OnnxScorer | None":
-        """The artifact's scorer, or None when it ships none (``manifest.extra['verifier']``)."""
+        """The artifact's scorer, or None when it ships none (``manifest.extra['verifier']``)
+        or ships one that cannot be used: the scorer is optional and the envelope checks
+        every command regardless, so a broken scorer must not make the robot refuse the
+        policy version (a refused version leaves the robot behind the learner's staleness
+        gate, holding before every episode)."""
         entry = (manifest.extra or {}).get("verifier")
         if not entry or entry.get("file") not in manifest.files:
             return None
         norm = manifest.normalization or {}
-        return cls(pathlib.Path(artifact_dir) / entry["file"], float(entry["threshold"]),
-                   state_mean=norm.get("state_mean"), state_std=norm.get("state_std"))
+        try:
+            return cls(pathlib.Path(artifact_dir) / entry["file"], float(entry["threshold"]),
+                       state_mean=norm.get("state_mean"), state_std=norm.get("state_std"))
+        except Exception as e:  # noqa: BLE001 (any failure: run this version unverified)
+            log.error("verifier: v%s ships a scorer that cannot be used (%s: %s); this version "
+                      "runs with the verifier off (the envelope still checks every command); "
+                      "fix the learner's scorer export", getattr(manifest, "version", "?"),
+                      type(e).__name__, e)
+            return None
 
     def score(self, features, state, mean, candidates):
         cand = np.asarray(candidates, np.float32)

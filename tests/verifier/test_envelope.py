@@ -134,3 +134,23 @@ def test_gate_rejects_bad_chunks_and_counts():
     scored = ChunkGate(Envelope(SAWYER), scorer=lambda a: (0.1, False))
     v = scored.check(np.zeros((8, 4)), 8, 4)
     assert not v.accepted and v.scores == (0.1,)
+
+
+def test_interventions_beyond_saturation_are_measured_apart_from_clamps():
+    """Saturating at the action bounds is routine; the verifier's "unsafe" label counts only
+    commands the envelope moved further than that (``intervened``)."""
+    env = Envelope(SAWYER)
+    out, clamped, why = env.apply(np.array([0.5, -3.0, 0.0, 1.8]), None, INSIDE)
+    assert clamped and {"bounds", "gripper"} <= set(why)
+    assert env.last_intervention == pytest.approx(0.0) and not env.intervened()
+    tight = Envelope(TIGHT)
+    out, clamped, why = tight.apply(np.array([1.0, 0, 0, 0]), None, INSIDE)  # velocity: 1.0 -> 0.3
+    assert clamped and tight.last_intervention == pytest.approx(0.7) and tight.intervened()
+    out, clamped, _ = tight.apply(np.array([0.75, 0, 0, 0]), out, INSIDE)  # 0.15 over: tolerated
+    assert clamped and not tight.intervened()
+    tight.apply(np.array([np.nan, 0, 0, 0]), out, INSIDE)
+    assert tight.last_intervention == float("inf") and tight.intervened()
+    assert tight.stats()["interventions"] == tight.interventions == 2
+    assert Envelope(SAWYER, intervention_tol=0.0).intervention_tol == 0.0
+    with pytest.raises(ValueError, match="intervention_tol"):
+        Envelope(SAWYER, intervention_tol=-1.0)
