@@ -112,11 +112,13 @@ class ReferenceVLA(nn.Module):
         mean, log_std = self._policy(h, committed, prefix)
         return mean, log_std, self.feature_head(h)
 
-    def policy_and_value(self, images: dict, state, tokens, prefix, prefix_len):
-        """(mean, log_std, value [B]) from one trunk pass, for training (value is not exported)."""
+    def policy_and_value(self, images: dict, state, tokens, prefix, prefix_len, *,
+                         detach_value: bool = False):
+        """(mean, log_std, value [B]) from one trunk pass, for training (value is not exported).
+        ``detach_value``: the value loss trains only the value head, not the shared trunk."""
         h, committed = self._trunk(images, state, tokens, prefix, prefix_len)
         mean, log_std = self._policy(h, committed, prefix)
-        return mean, log_std, self.value_head(h).squeeze(-1)
+        return mean, log_std, self.value_head(h.detach() if detach_value else h).squeeze(-1)
 
 
 def gaussian_log_prob(mean, log_std, actions, row_mask):

@@ -11,23 +11,32 @@ A version directory is built under a temporary name, fsynced and renamed, so it 
 complete or not at all; a leftover temporary or an incomplete version directory (a crash
 mid-write) is removed when the registry opens. The checkpoint is written before the rename:
 a visible version always has its checkpoint.
+
+Given a ``signing_key`` (learner/signing.py), every version is signed before it becomes visible
+(the manifest carries the ed25519 signature; robots refuse anything else), and versions found
+unsigned or signed by another key when the registry opens (a registry from before signing, a
+rotated key) are re-signed in place, so robots configured with the current key accept them.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import pathlib
 import re
 import shutil
 import threading
+import time
 
 import torch
 
 from learner.export import export_artifact
 from runtime.artifact import (MANIFEST, ArtifactError, Manifest, file_entry, fsync_dir,
                               load_manifest, sha256_file, verify_artifact, write_atomic)
+from runtime.signature import SignatureError, Trust, check_manifest_bytes
 
+log = logging.getLogger("tether.learner.registry")
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -36,8 +45,11 @@ def version_name(v: int) -> str:
 
 
 class Registry:
-    def __init__(self, root: str | pathlib.Path):
+    def __init__(self, root: str | pathlib.Path, signing_key=None):
         self.root = pathlib.Path(root)
+        self.signing_key = signing_key  # learner.signing.SigningKey; None: versions stay unsigned
+        # monotonic time each version became visible in this process (rollout latency benches)
+        self.committed_at: dict[int, float] = {}
         self.versions_dir = self.root / "versions"
         self.checkpoints_dir = self.root / "checkpoints"
         for d in (self.root, self.versions_dir, self.checkpoints_dir):
@@ -47,6 +59,7 @@ class Registry:
         self._closed = False
         self.published = 0  # versions published by this process
         self._min_version = 0  # staleness gate announced to robots (0 = none); see set_min_version
+        self._generation = 0   # bumped on anything subscribers must look at again
         self._latest = self._recover()
 
     # -- opening ---------------------------------------------------------------------------
@@ -66,6 +79,8 @@ class Registry:
             except (ArtifactError, OSError, KeyError, TypeError, ValueError):
                 shutil.rmtree(entry, ignore_errors=True)  # incomplete: never announced, safe to drop
                 continue
+            if self.signing_key is not None:
+                self._ensure_signed(entry)
             latest = max(latest, manifest.version)
         for tmp in self.checkpoints_dir.glob(".*.tmp-*"):
             tmp.unlink(missing_ok=True)
@@ -73,6 +88,25 @@ class Registry:
         if latest:
             self._write_latest(latest)
         return latest
+
+    def _ensure_signed(self, directory: pathlib.Path) -> None:
+        key = self.signing_key
+        data = (directory / MANIFEST).read_bytes()
+        try:
+            check_manifest_bytes(data, Trust(((key.key_id, key.public_raw),)))
+            return
+        except SignatureError:
+            was = (load_manifest(directory).signature or {}).get("key_id")
+        self._sign_dir(directory)
+        log.warning("registry: re-signed %s with key %s (it was %s)", directory.name, key.key_id,
+                    f"signed by key {was}" if was else "unsigned")
+
+    def _sign_dir(self, directory: pathlib.Path) -> Manifest:
+        """Rewrite the directory's manifest signed (a no-op returning it without a key)."""
+        if self.signing_key is None:
+            return load_manifest(directory)
+        from learner.signing import sign_artifact
+        return sign_artifact(directory, self.signing_key)
 
     def _write_latest(self, v: int) -> None:
         write_atomic(self.root / "LATEST", f"{v}\n".encode())
@@ -122,7 +156,21 @@ class Registry:
         with self._cond:
             if int(v) != self._min_version:
                 self._min_version = int(v)
+                self._generation += 1
                 self._cond.notify_all()
+
+    def notify_subscribers(self) -> None:
+        """Wake every subscriber stream to look at its assignment again (a canary decision)."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait_for_generation(self, seen: int, timeout: float | None) -> int:
+        """Block until a publish, a min_version change or ``notify_subscribers`` after
+        generation ``seen`` (or timeout / close); returns the current generation."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != seen or self._closed, timeout)
+            return self._generation
 
     def wait_for_change(self, seen: tuple[int, int], timeout: float | None) -> tuple[int, int]:
         """Block until (latest, min_version) differs from ``seen`` (or timeout / close)."""
@@ -167,6 +215,8 @@ class Registry:
         self._write_latest(v)
         with self._cond:
             self._latest = v
+            self.committed_at[v] = time.monotonic()
+            self._generation += 1
             self._cond.notify_all()
 
     def _tmp_dir(self, v: int) -> pathlib.Path:
@@ -179,8 +229,8 @@ class Registry:
                        state_dict_path: str | pathlib.Path | None = None) -> Manifest:
         """Register a pretrained artifact as version 1 if the registry is empty (else no-op).
 
-        The manifest is rewritten as version 1 / parent 0 with recomputed file entries; its
-        signature is cleared because the signed content (the version) changed.
+        The manifest is rewritten as version 1 / parent 0 with recomputed file entries and
+        signed anew (the signed content, the version, changed).
         """
         with self._publish_lock:
             if self.latest() > 0:
@@ -207,6 +257,7 @@ class Registry:
             manifest = dataclasses.replace(source, version=1, parent_version=0, files=files,
                                            signature=None)
             write_atomic(tmp / MANIFEST, manifest.to_json().encode())
+            self._sign_dir(tmp)
             self._save_checkpoint(1, model_state, None)
             self._commit(tmp, 1)
             return load_manifest(self.artifact_dir(1))
@@ -234,6 +285,7 @@ class Registry:
                 robot=prev.robot if robot is None else robot,
                 control_rate_hz=prev.control_rate_hz if control_rate_hz is None else control_rate_hz,
                 verifier=verifier)
+            manifest = self._sign_dir(tmp)
             state = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
             self._save_checkpoint(v, state, optimizer_state, trainer_state)
             self._commit(tmp, v)

@@ -1,8 +1,15 @@
 """``tether learner``: the store, the registry, the gRPC service and the trainer in one process.
 
-Prints ``learner listening on HOST:PORT`` once ready and keeps ``DATA/learner.json`` (address
-and stats) fresh every 2 s. SIGTERM/SIGINT: stop accepting, stop the trainer, close the store,
-exit 0.
+Prints ``learner listening on HOST:PORT`` once ready and keeps ``DATA/learner.json`` (address,
+stats, rollout state) fresh every 2 s. SIGTERM/SIGINT: stop accepting, stop the trainer, close
+the store, exit 0.
+
+Every version is signed with the learner's ed25519 key (``--signing-key``, default
+``DATA/signing_key.pem``, created with ``DATA/signing_key.pub`` on first start: give robots the
+``.pub``). New versions go to a canary fraction of the robots first (learner/canary.py).
+
+Robots and operators connect over mutual TLS (``--tls-cert --tls-key --tls-ca``, made with
+``tether certs``; who may call what: learner/auth.py); plaintext only with ``--insecure``.
 """
 from __future__ import annotations
 
@@ -15,7 +22,11 @@ import sys
 import threading
 import time
 
+from learner import distributed
+from learner.auth import add_tls_arguments, tls_from_args
+from learner.canary import CanaryConfig, RolloutController
 from learner.registry import Registry
+from learner.signing import PRIVATE_NAME, SigningKey, load_or_create
 from learner.service import serve
 from learner.store import ExperienceStore
 from learner.trainer import Trainer, TrainerConfig
@@ -35,9 +46,20 @@ def parse_args(argv):
                                               "model.pt inside or next to --init-artifact)")
     p.add_argument("--publish-interval", type=float, default=25.0, help="seconds between publishes")
     p.add_argument("--min-episodes", type=int, default=2, help="new complete episodes per publish")
+    p.add_argument("--staleness", type=int, default=TrainerConfig.staleness,
+                   help="versions of staleness allowed: 0 = synchronous on-policy (robots wait "
+                        "for each new version), larger = more asynchronous")
+    p.add_argument("--signing-key", help="ed25519 private key (PEM) that signs every version "
+                   "(default: DATA/signing_key.pem, created on first start with its .pub)")
+    p.add_argument("--canary-fraction", type=float, default=CanaryConfig.fraction,
+                   help="fraction of robots that try a new version first (0: everyone at once)")
+    p.add_argument("--canary-episodes", type=int, default=CanaryConfig.episodes,
+                   help="canary episodes on a new version before it is promoted or rolled back")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-train", action="store_true", help="ingest and serve only")
     p.add_argument("--log-level", default="INFO")
+    distributed.add_arguments(p)
+    add_tls_arguments(p)
     return p.parse_args(argv)
 
 
@@ -53,8 +75,10 @@ def find_checkpoint(artifact: pathlib.Path, given: str | None) -> pathlib.Path |
     return None
 
 
-def status(addr: str, store: ExperienceStore, registry: Registry, trainer) -> dict:
-    return {"addr": addr, "latest_version": registry.latest(), "records": store.count(),
+def status(addr: str, store: ExperienceStore, registry: Registry, trainer,
+           rollout: RolloutController | None = None) -> dict:
+    return {"rollout": rollout.status() if rollout is not None else None,
+            "addr": addr, "latest_version": registry.latest(), "records": store.count(),
             "duplicates_dropped": store.duplicates_dropped,
             "versions_published": trainer.versions_published if trainer else registry.published,
             "train_steps": trainer.train_steps if trainer else 0,
@@ -69,8 +93,32 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     data = pathlib.Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
-    store = ExperienceStore(data / "experience.sqlite")
-    registry = Registry(data / "registry")
+    try:
+        dist_config = distributed.from_args(args)
+    except ValueError as e:
+        print(f"tether learner: {e}", file=sys.stderr)
+        return 2
+    if dist_config.rank > 0:  # an extra trainer rank: no store, no service, no publishing
+        return distributed.worker_main(dist_config, data)
+    try:
+        tls = tls_from_args(args)  # mutual TLS unless --insecure (learner/auth.py)
+    except ValueError as e:
+        print(f"tether learner: {e}", file=sys.stderr)
+        return 2
+    store = ExperienceStore(data / "experience", readonly=False)
+    try:
+        canary = CanaryConfig(fraction=args.canary_fraction, episodes=args.canary_episodes)
+        key_path = pathlib.Path(args.signing_key) if args.signing_key else data / PRIVATE_NAME
+        if args.signing_key:
+            key, created = SigningKey.load(key_path), False
+        else:
+            key, created = load_or_create(key_path)
+    except ValueError as e:
+        print(f"tether learner: {e}", file=sys.stderr)
+        return 2
+    log.info("signing versions with key %s from %s%s", key.key_id, key_path,
+             f" (new; robots need its public key {key_path.with_suffix('.pub')})" if created else "")
+    registry = Registry(data / "registry", signing_key=key)
     if registry.latest() == 0:
         if not args.init_artifact:
             print("tether learner: the registry is empty; pass --init-artifact DIR "
@@ -78,16 +126,19 @@ def main(argv=None) -> int:
             return 2
         artifact = pathlib.Path(args.init_artifact)
         registry.import_initial(artifact, find_checkpoint(artifact, args.init_checkpoint))
-    trainer = None
+    trainer, ranks = None, []
     if not args.no_train:
         try:
-            trainer = Trainer(store, registry, TrainerConfig(
+            dist_config, ranks = distributed.spawn_local(dist_config, data)
+            trainer = distributed.trainer_class(dist_config)(store, registry, TrainerConfig(
                 publish_interval_s=args.publish_interval, min_new_episodes=args.min_episodes,
-                seed=args.seed))
+                seed=args.seed, staleness=args.staleness), log_path=data / "updates.jsonl")
         except (RuntimeError, ValueError) as e:
+            distributed.stop_local(ranks, timeout=0)
             print(f"tether learner: {e} (or run with --no-train)", file=sys.stderr)
             return 2
-    server, port = serve(args.addr, store, registry, trainer)
+    rollout = RolloutController(registry, store, canary).start()
+    server, port = serve(args.addr, store, registry, trainer, rollout=rollout, tls=tls)
     addr = f"{args.addr.rsplit(':', 1)[0]}:{port}"
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,15 +149,19 @@ def main(argv=None) -> int:
     try:
         while not stop.is_set():
             write_atomic(data / "learner.json",
-                         json.dumps(status(addr, store, registry, trainer), indent=1).encode())
+                         json.dumps(status(addr, store, registry, trainer, rollout),
+                                    indent=1).encode())
             stop.wait(STATUS_EVERY_S)
     finally:
         registry.close()  # ends subscriber streams
         server.stop(grace=2.0).wait()
         if trainer is not None:
             trainer.stop()
+        distributed.stop_local(ranks)
+        rollout.stop()
         write_atomic(data / "learner.json",
-                     json.dumps(status(addr, store, registry, trainer), indent=1).encode())
+                     json.dumps(status(addr, store, registry, trainer, rollout),
+                                indent=1).encode())
         store.close()
     log.info("learner stopped")
     return 0

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import sqlite3
+import threading
 
 import grpc
 
+from learner.auth import FleetAuth, ServerTls
+from learner.canary import CanaryConfig, RolloutController
 from learner.registry import Registry
 from learner.store import ExperienceStore
 from runtime.artifact import MANIFEST, load_manifest
@@ -17,15 +21,23 @@ log = logging.getLogger("tether.learner.service")
 
 CHUNK_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
-# Every subscribed robot holds one thread for its stream, plus pushes and fetches in flight:
-# 16 robots x (1 stream + 1 push + 1 fetch) with headroom.
-DEFAULT_WORKERS = 64
+# Every robot holds one thread for its Subscribe stream and one for its experience stream,
+# plus fetches and pushes in flight: 64 robots x (2 streams + 1 call) with headroom.
+DEFAULT_WORKERS = 256
 SUBSCRIBE_POLL_S = 0.5  # how quickly a stream notices a cancelled client or a stopping server
+# Batches of one experience stream read but not yet acknowledged; past it the learner stops
+# reading that stream (backpressure). The store's writer bounds all streams together.
+DEFAULT_STREAM_WINDOW = 16
+BATCH_SEQ_TRAILER = "tether-batch-seq"  # trailing metadata: the batch a stream was refused at
 
 
 class LearnerService(pb_grpc.LearnerServicer):
-    def __init__(self, store: ExperienceStore, registry: Registry, trainer=None):
+    def __init__(self, store: ExperienceStore, registry: Registry, trainer=None,
+                 rollout: RolloutController | None = None):
         self.store, self.registry, self.trainer = store, registry, trainer
+        self.stream_window = DEFAULT_STREAM_WINDOW
+        # which version each robot runs; without one, everyone gets the newest (no canaries)
+        self.rollout = rollout or RolloutController(registry, store, CanaryConfig(fraction=0.0))
 
     def PushExperience(self, request: pb.ExperienceBatch, context) -> pb.Ack:
         try:
@@ -42,19 +54,96 @@ class LearnerService(pb_grpc.LearnerServicer):
         return pb.Ack(robot_id=request.robot_id, batch_seq=request.batch_seq,
                       stored=stored, duplicates=duplicates)
 
-    def _announcement(self, v: int, min_version: int = 0) -> pb.VersionAnnouncement:
+    def StreamExperience(self, request_iterator, context):
+        """One Ack per batch, in order, each after its batch is durable. A reader thread hands
+        batches to the store's writer and stops reading when ``stream_window`` of them are in
+        flight (gRPC flow control then holds the robot back). A malformed batch ends the stream
+        with INVALID_ARGUMENT naming it (also in the ``tether-batch-seq`` trailer) after the
+        acks of the batches before it; nothing after it was read."""
+        inflight: queue.Queue = queue.Queue(maxsize=self.stream_window)
+        reader = threading.Thread(target=self._read_stream, name="grpc-stream-reader",
+                                  args=(request_iterator, inflight, context), daemon=True)
+        reader.start()
+        while True:
+            try:
+                item = inflight.get(timeout=SUBSCRIBE_POLL_S)
+            except queue.Empty:
+                if context.is_active():
+                    continue
+                return  # the robot went away: its reader cannot hand over the end (put needs
+                #         an active context); without this the thread would wait forever
+            if item is None:
+                return
+            batch_seq, robot_id, pending, error = item
+            if isinstance(error, ValueError):
+                context.set_trailing_metadata(((BATCH_SEQ_TRAILER, str(batch_seq)),))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"batch {batch_seq} from {robot_id!r} refused, nothing stored: "
+                              f"{error}")
+            try:
+                if error is not None:
+                    raise error
+                stored, duplicates = pending.wait()
+            except (sqlite3.Error, OSError) as e:
+                log.error("storing batch %d from %r failed: %s", batch_seq, robot_id, e)
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"the learner could not store batch {batch_seq} ({e}); it and every "
+                              f"later batch are unacknowledged: keep them spooled and resend")
+            yield pb.Ack(robot_id=robot_id, batch_seq=batch_seq, stored=stored,
+                         duplicates=duplicates)
+
+    def _read_stream(self, requests, inflight: queue.Queue, context) -> None:
+        def put(item) -> bool:
+            while context.is_active():
+                try:
+                    inflight.put(item, timeout=SUBSCRIBE_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for batch in requests:
+                try:
+                    item = (batch.batch_seq, batch.robot_id, self.store.submit(batch), None)
+                except (ValueError, sqlite3.Error, OSError) as e:
+                    put((batch.batch_seq, batch.robot_id, None, e))
+                    return  # stop reading: the handler ends the stream at this batch
+                if not put(item):
+                    return
+        except Exception as e:  # noqa: BLE001 (a cancelled or broken stream ends the iterator)
+            log.debug("experience stream from %s ended: %r", context.peer(), e)
+        finally:
+            put(None)
+
+    def _announcement(self, v: int, min_version: int = 0, stage: str = "stable",
+                      rollback: bool = False) -> pb.VersionAnnouncement:
         files = self.registry.files(v)
         return pb.VersionAnnouncement(
-            version=v, manifest_sha256=files[0][1], min_version=min_version, stage="stable",
-            files=[pb.FileInfo(name=n, sha256=h, size=s) for n, h, s in files])
+            version=v, manifest_sha256=files[0][1], min_version=min_version, stage=stage,
+            rollback=rollback, files=[pb.FileInfo(name=n, sha256=h, size=s) for n, h, s in files])
 
     def Subscribe(self, request: pb.SubscribeRequest, context):
-        seen = (0, 0)
-        while context.is_active() and not self.registry.closed:
-            state = self.registry.wait_for_change(seen, timeout=SUBSCRIBE_POLL_S)
-            if state != seen and state[0] > 0:  # latest-wins: versions published meanwhile skipped
-                yield self._announcement(*state)
-                seen = state
+        """Announce this robot's assignment (learner/canary.py) now and whenever it changes.
+        Latest-wins: versions published meanwhile are skipped. A version below one this robot
+        ran or was told (a canary rolled back) goes out with ``rollback`` set."""
+        robot = request.robot_id or context.peer()
+        highest = int(request.current_version)
+        sent, generation = None, -1
+        self.rollout.join(robot)
+        try:
+            while context.is_active() and not self.registry.closed:
+                now = self.registry.wait_for_generation(generation, timeout=SUBSCRIBE_POLL_S)
+                if now == generation:
+                    continue
+                generation = now
+                a = self.rollout.assignment(robot)
+                if a.version > 0 and a != sent:
+                    yield self._announcement(a.version, a.min_version, a.stage,
+                                             rollback=a.version < highest)
+                    highest, sent = max(highest, a.version), a
+        finally:
+            self.rollout.leave(robot)
 
     def FetchArtifact(self, request: pb.FetchRequest, context):
         try:
@@ -96,18 +185,34 @@ class LearnerService(pb_grpc.LearnerServicer):
 
 
 def serve(addr: str, store: ExperienceStore, registry: Registry, trainer=None, *,
-          max_workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:
+          max_workers: int = DEFAULT_WORKERS,
+          rollout: RolloutController | None = None,
+          stream_window: int = DEFAULT_STREAM_WINDOW,
+          tls: ServerTls | None = None) -> tuple[grpc.Server, int]:
     """Start the service on ``addr`` ("host:port", port 0 = any); returns (server, bound port).
+
+    ``tls``: mutual TLS, every call checked by learner/auth.py (who may call what, a robot
+    writes only its own experience). None: plaintext, for tests and local development only.
 
     To stop: ``registry.close()`` (ends subscriber streams), then ``server.stop(grace)``.
     """
+    credentials = tls.credentials() if tls is not None else None  # bad files fail before binding
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=() if tls is None else (FleetAuth(),),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    service = LearnerService(store, registry, trainer)
+    if stream_window < 1:
+        raise ValueError(f"stream_window must be >= 1, got {stream_window}")
+    service = LearnerService(store, registry, trainer, rollout)
+    service.stream_window = stream_window
     pb_grpc.add_LearnerServicer_to_server(service, server)
-    port = server.add_insecure_port(addr)
+    if credentials is None:
+        log.warning("plaintext: local development only (learner on %s without TLS: anyone who "
+                    "reaches it can write experience and read weights)", addr)
+        port = server.add_insecure_port(addr)
+    else:
+        port = server.add_secure_port(addr, credentials)
     if port == 0:
         raise OSError(f"could not bind the learner to {addr!r}; is the port in use?")
     server.start()

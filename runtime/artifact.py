@@ -5,7 +5,8 @@ Manifest keys (format ``tether.policy/1``)::
 
     version, parent_version          monotonic integers (parent 0 = none)
     files {name: {sha256, size}}     every file of the artifact but the manifest
-    signature                        reserved for the ed25519 signature (null until signed)
+    signature                        {alg: "ed25519", key_id, sig}: the learner's signature over
+                                     the rest of the manifest (runtime/signature.py); null if unsigned
     inputs  {cameras [{name, height, width, channels}], state_dim,
              tokenizer {kind, max_len}}
     outputs {horizon, action_dim, distribution: "gaussian", features}
@@ -61,7 +62,7 @@ class Manifest:
     control_rate_hz: float
     robot: str
     created: str = ""
-    signature: str | None = None
+    signature: dict | None = None
     extra: dict = dataclasses.field(default_factory=dict)
     format: str = FORMAT
 
@@ -80,6 +81,11 @@ class Manifest:
                 raise ArtifactError(f"manifest outputs.{key} must be > 0, got {self.outputs.get(key)}")
         if int(self.inputs.get("state_dim", -1)) < 0:
             raise ArtifactError("manifest inputs.state_dim missing")
+        if self.signature is not None and not (
+                isinstance(self.signature, dict)
+                and all(isinstance(self.signature.get(k), str) for k in ("alg", "key_id", "sig"))):
+            raise ArtifactError(f"manifest signature must be null or {{alg, key_id, sig}} "
+                                f"strings, got {str(self.signature)[:80]!r}")
 
     @property
     def horizon(self) -> int:

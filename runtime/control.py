@@ -6,6 +6,11 @@ envelope (only envelope output ever reaches the robot), send it, and hand a ``Ti
 ``on_tick``. Deadlines are absolute (``t0 + k * period``), so lateness never accumulates as drift.
 A robot-side exception holds and is counted; more than ``error_budget`` consecutive errors stop
 the loop cleanly.
+
+``episode_gate`` (the learner's staleness gate): called before an episode starts; a string
+(why) means "not yet". The loop then keeps its tick schedule without resetting the robot (the
+ended episode accepts no commands; the robot rests where it stopped), counts
+``gate_wait_ticks``, logs once per wait, and starts the episode on the first tick the gate opens.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class ControlLoop:
                  worker=None, to_command: Callable = _identity, from_command: Callable = _identity,
                  on_episode_start: Callable[[int], None] | None = None,
                  on_episode_end: Callable[[int, bool], None] | None = None,
+                 episode_gate: Callable[[], str | None] | None = None,
                  error_budget: int = 10, max_catchup_ticks: int = 2):
         if rate_hz <= 0:
             raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
@@ -46,6 +52,7 @@ class ControlLoop:
         self.worker = worker
         self.to_command, self.from_command = to_command, from_command
         self.on_episode_start, self.on_episode_end = on_episode_start, on_episode_end
+        self.episode_gate = episode_gate
         self.error_budget = int(error_budget)
         self.max_catchup_ticks = int(max_catchup_ticks)
         self.description = robot.describe()
@@ -53,6 +60,8 @@ class ControlLoop:
         self.ticks = 0
         self.deadline_misses = 0
         self.stall_ticks = 0
+        self.gate_wait_ticks = 0  # ticks spent between episodes waiting for the episode gate
+        self._gate_reason: str | None = None
         self.robot_errors = 0
         self.episodes = 0
         self.epoch = 0
@@ -83,7 +92,20 @@ class ControlLoop:
             # ask for the first chunk now, so it is ready by the next tick instead of holding
             self.worker.maybe_request(self._tick, self._obs)
 
+    def _gate_closed(self) -> bool:
+        """Ask the episode gate; log once when a wait begins and when it ends."""
+        reason = self.episode_gate() if self.episode_gate is not None else None
+        if reason and self._gate_reason is None:
+            log.info("control: holding before the next episode: %s", reason)
+        elif not reason and self._gate_reason is not None:
+            log.info("control: episode gate open after %d waiting ticks in all", self.gate_wait_ticks)
+        self._gate_reason = reason or None
+        return self._gate_reason is not None
+
     def _next_episode(self) -> None:
+        if self._gate_closed():
+            self._needs_reset = True  # step() waits and starts the episode once the gate opens
+            return
         try:
             self._start_episode()
         except Exception as e:
@@ -134,6 +156,11 @@ class ControlLoop:
     def step(self) -> TickRecord | None:
         """One control tick."""
         if self._needs_reset:
+            if self._gate_closed():
+                self._tick += 1
+                self.ticks += 1
+                self.gate_wait_ticks += 1
+                return None
             try:
                 self._start_episode()
             except Exception as e:
@@ -198,7 +225,8 @@ class ControlLoop:
 
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
-                "stall_ticks": self.stall_ticks, "robot_errors": self.robot_errors,
+                "stall_ticks": self.stall_ticks, "gate_wait_ticks": self.gate_wait_ticks,
+                "robot_errors": self.robot_errors,
                 "jitter_p50_ms": round(1e3 * self.jitter.quantile(0.5), 3),
                 "jitter_p99_ms": round(1e3 * self.jitter.quantile(0.99), 3),
                 "jitter_max_ms": round(1e3 * self.jitter.max, 3)}

@@ -281,9 +281,16 @@ class InferenceWorker:
                 cand = p.candidates(out, k)
                 cand[:, :n] = prefix[:n]  # committed rows are not the verifier's to change
                 return cand
+            # the selection weighs the rows that will run: past the prefix, up to the horizon
+            rows = (n, min(h, n + self.execution_horizon()))
             chosen, verdict = self.gate.choose(draw, h, a, features=out.features,
                                                state=obs.state, mean=out.mean,
+                                               log_std=out.log_std, rows=rows,
                                                scorer=getattr(p, "scorer", None))
+            if getattr(verdict, "override", False):
+                log.warning("inference: no candidate from v%d at tick %d passed the verifier "
+                            "and the robot had held long enough; the veto is lifted for this "
+                            "chunk (the envelope still checks it)", p.version, tick)
             if chosen is None:
                 self.chunks_rejected += 1
                 log.warning("inference: no candidate from v%d at tick %d passed the verifier: %s",

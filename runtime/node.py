@@ -1,7 +1,8 @@
 """The robot node: wires robot, policy, action queue, inference worker, verifier, control loop,
 recorder and spool, and (given a learner address) the experience client and weight subscriber.
 
-``tether robot --robot-id ID --task TASK --artifact DIR [--learner ADDR] ...``. The node writes
+``tether robot --robot-id ID --task TASK --artifact DIR [--learner ADDR --tls-cert C --tls-key K
+--tls-ca CA | --insecure] ...`` (mutual TLS: runtime/tls.py, ``tether certs``). The node writes
 ``status.json`` atomically about once a second and a final one (``done: true``) after a clean
 stop: control stopped, spool drained (bounded wait), threads joined. SIGTERM/SIGINT stop it
 cleanly; exit code 0.
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 
 from robots.registry import make_robot
 from runtime.chunks import STRATEGIES, ActionQueue
@@ -25,6 +27,7 @@ from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from runtime.policy import PolicyRunner
 from runtime.recorder import Recorder
+from runtime.signature import SignatureError, Trust, verify_trusted
 from runtime.spool import Spool
 from runtime.status import write_status
 from runtime.types import TickRecord
@@ -62,6 +65,18 @@ class NodeConfig:
     strategy: str | None = None        # merge strategy; None: prefix if the policy accepts one
     actions_per_chunk: int | None = None   # s; None: H - d - margin (held to d <= s <= H - d)
     max_obs_age_s: float | None = None     # stale-observation guard; None: off
+    # signed weights (runtime/signature.py): public keys of the learner(s) this robot accepts
+    # artifacts from; the initial artifact is held to the same rule as fetched ones
+    trusted_keys: tuple[str, ...] = ()
+    allow_unsigned: bool = False           # local development only: accept unsigned artifacts
+    # mutual TLS to the learner (runtime/tls.py; the files of `tether certs robot ID`). With a
+    # learner and none of them the node talks plaintext, with a warning; `tether robot` insists
+    # on --insecure for that
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_server_name: str | None = None     # name checked in the learner's certificate
+    insecure: bool = False                 # plaintext to the learner: local development only
 
     def __post_init__(self):
         if self.strategy is not None:
@@ -78,8 +93,18 @@ class NodeConfig:
             raise ValueError(f"NodeConfig seconds must be > 0, got {self.seconds}")
         if self.rate_hz is not None and self.rate_hz <= 0:
             raise ValueError(f"NodeConfig rate_hz must be > 0 (--rate), got {self.rate_hz}")
+        if isinstance(self.trusted_keys, (str, bytes)):
+            raise ValueError(f"NodeConfig trusted_keys must be a tuple of key files, got the "
+                             f"string {self.trusted_keys!r}")
         if self.status_interval_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("NodeConfig status_interval_s must be > 0, drain_timeout_s >= 0")
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(tls) and not all(tls):
+            raise ValueError("NodeConfig needs tls_cert, tls_key and tls_ca together (--tls-cert "
+                             "--tls-key --tls-ca, made by `tether certs robot ID`)")
+        if any(tls) and self.insecure:
+            raise ValueError("NodeConfig insecure (--insecure) contradicts tls_* (--tls-*); "
+                             "choose one")
 
     @property
     def spool_dir(self) -> pathlib.Path:
@@ -98,10 +123,15 @@ class RobotNode:
     def __init__(self, config: NodeConfig, robot=None, clock=None):
         c = self.config = config
         self.clock = clock or WallClock()
+        self.trust = Trust.load(c.trusted_keys, c.allow_unsigned)
+        if c.allow_unsigned:
+            log.warning("node: --allow-unsigned: unsigned policy artifacts are accepted (local "
+                        "development only; robots in the field need --trusted-key)")
+        initial = verify_trusted(c.artifact, self.trust)  # the initial artifact too
         self.robot = robot or make_robot(c.robot_kind, task=c.task, seed=c.seed, camera=c.camera,
                                          clock=self.clock)
         self.description = self.robot.describe()
-        self.policy = self._load_policy(pathlib.Path(c.artifact))
+        self.policy = self._load_policy(pathlib.Path(c.artifact), initial)
         rate = c.rate_hz or self.policy.manifest.control_rate_hz or self.description.control_rate_hz
         self.queue = ActionQueue(self.policy.action_dim)
         self.envelope = Envelope(self.description, c.on_violation)
@@ -112,20 +142,26 @@ class RobotNode:
                                       strategy=c.strategy, actions_per_chunk=c.actions_per_chunk,
                                       max_obs_age_s=c.max_obs_age_s)
         self.spool = Spool(c.spool_dir, c.robot_id)
-        self.recorder = Recorder(self.spool, c.robot_id, c.task, c.batch_records)
+        self.recorder = Recorder(self.spool, c.robot_id, c.task, c.batch_records,
+                                 envelope=self.envelope)
         self.loop = ControlLoop(self.robot, self.queue, self.envelope, self.clock, rate,
                                 self._on_tick, worker=self.worker,
                                 to_command=self.worker.to_command,
                                 from_command=self.worker.from_command,
                                 on_episode_start=self._on_episode_start,
-                                on_episode_end=self._on_episode_end)
+                                on_episode_end=self._on_episode_end,
+                                episode_gate=self._episode_gate)
         self.client = self.subscriber = None
         if c.learner:
             from runtime.stream import ExperienceClient
             from runtime.weights import WeightSubscriber
-            self.client = ExperienceClient(c.learner, self.spool, c.robot_id)
+            channels = self._channel_factory()
+            self.client = ExperienceClient(c.learner, self.spool, c.robot_id,
+                                           channel_factory=channels)
             self.subscriber = WeightSubscriber(c.learner, c.robot_id, c.staging_dir,
-                                               self._on_artifact, self.policy.version)
+                                               self._on_artifact, self.policy.version,
+                                               trust=self.trust, on_rollback=self._on_rollback,
+                                               channel_factory=channels)
         self.successes = 0
         self.episodes = 0
         self.success_by_version: dict[int, list[int]] = {}
@@ -136,10 +172,26 @@ class RobotNode:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # episode tallies: control thread writes, status reads
 
-    # -- policies ----------------------------------------------------------------------------
-    def _load_policy(self, path: pathlib.Path) -> PolicyRunner:
+    def _channel_factory(self):
+        """Channels to the learner: mutual TLS when configured (runtime/tls.py), else plaintext."""
         c = self.config
-        runner = PolicyRunner(path, backend=c.backend, seed=c.seed, temperature=c.temperature)
+        if c.tls_cert:
+            from runtime.tls import TlsConfig
+            return TlsConfig(c.tls_cert, c.tls_key, c.tls_ca, c.tls_server_name).channel_factory()
+        from runtime.stream import insecure_channel
+        log.warning("node: plaintext: local development only (learner %s without TLS; robots in "
+                    "the field need --tls-cert --tls-key --tls-ca)", c.learner)
+        return insecure_channel
+
+    # -- policies ----------------------------------------------------------------------------
+    def _load_policy(self, path: pathlib.Path, verified=None) -> PolicyRunner:
+        """``verified``: the manifest, signature and file hashes already checked."""
+        c = self.config
+        # a noise stream of its own per version folder: reseeding every swap with the same seed
+        # would replay this robot's exploration noise version after version (correlated RL data)
+        seed = (c.seed * 1_000_003 + zlib.crc32(path.name.encode())) % 2**32
+        runner = PolicyRunner(path, backend=c.backend, seed=seed, temperature=c.temperature,
+                              verified=verified)
         if runner.action_dim != self.description.action_dim:
             raise ValueError(f"{path}: policy actions have {runner.action_dim} dims, robot "
                              f"{self.description.name!r} takes {self.description.action_dim}")
@@ -153,18 +205,38 @@ class RobotNode:
         """Called on the subscriber's thread: load, warm up, check, stage. Raising refuses the
         version (the subscriber logs it) and the robot keeps running its current one."""
         try:
-            runner = self._load_policy(path)
+            runner = self._load_policy(path, manifest)  # the subscriber verified it
             self.worker.stage(runner)
         except Exception as e:
             self._event(f"refused v{manifest.version}: {type(e).__name__}: {e}")
             raise
         self._event(f"staged v{runner.version} from {path}")
 
+    def _on_rollback(self, version: int, files: dict[str, str]) -> bool:
+        """A canary rolled back: swap the previous policy back in if it is that version (same
+        policy.onnx; verified when it was installed). False: the subscriber fetches it."""
+        prev = self.worker.previous
+        if (prev is None or prev.version != version
+                or files.get("policy.onnx") != getattr(prev, "weight_sha256", None)):
+            return False
+        self.worker.stage(prev)
+        self._event(f"rolling back to v{version} (still loaded)")
+        return True
+
     def _event(self, message: str) -> None:
         self.events.append(message)
         log.info("node: %s", message)
 
     # -- loop callbacks (control thread) -----------------------------------------------------
+    def _episode_gate(self) -> str | None:
+        """The learner's staleness gate: no new episode on a version below its min_version. A
+        staged version counts: it is swapped in at the episode's first inference."""
+        sub = self.subscriber
+        if sub is None or sub.min_version <= sub.current_version:
+            return None
+        return (f"the learner wants version >= {sub.min_version} (staleness gate); "
+                f"have v{sub.current_version}")
+
     def _on_episode_start(self, epoch: int) -> None:
         self._episode_chunks.clear()
         self.recorder.start_episode()
@@ -208,6 +280,8 @@ class RobotNode:
             "records_dropped": self.recorder.records_dropped,  # spool full or disk error
             "spool_pending": self.spool.pending(), "control": self.loop.stats(),
             "swap_stall_ticks": self.swap_stall_ticks, "swaps": w.swaps,
+            "gate_wait_ticks": self.loop.gate_wait_ticks,
+            "min_version": self.subscriber.min_version if self.subscriber else 0,
             "verifier": {**self.gate.stats(), "by_reason": self.envelope.stats()},
             "inference": {"latency_p50_ms": round(1e3 * lat.quantile(0.5), 3),
                           "latency_p95_ms": round(1e3 * lat.quantile(0.95), 3),
@@ -216,6 +290,8 @@ class RobotNode:
                           "stages": w.policy.latency_stats(),
                           "errors": w.errors, "backend": w.policy.backend.info()},
             "queue_depth": len(self.queue), "events": list(self.events), "done": self._done,
+            "swapped_at": w.last_swap_time,  # the node's clock (monotonic on a real robot)
+            "weights": self.subscriber.status() if self.subscriber is not None else None,
         }
 
     def write_status(self) -> None:
@@ -300,18 +376,52 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                    help="actions executed per chunk s (held to d <= s <= H - d)")
     p.add_argument("--max-obs-age", type=float, default=None,
                    help="seconds after which an observation is too old to infer from")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="learner public key (PEM) whose signed artifacts this robot accepts; "
+                        "repeatable (e.g. during a key rotation)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="accept unsigned artifacts (local development only)")
+    p.add_argument("--status-interval", type=float, default=NodeConfig.status_interval_s,
+                   help="seconds between status.json writes")
+    p.add_argument("--tls-cert", help="this robot's certificate (PEM; `tether certs robot ID`)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument("--tls-ca", help="the fleet CA certificate (PEM) that signed the learner's")
+    p.add_argument("--tls-server-name", help="name to check in the learner's certificate when "
+                   "it differs from the host in --learner")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext to the learner, no authentication (local development only)")
     a = p.parse_args(argv)
+    if a.learner and not (a.tls_cert or a.tls_key or a.tls_ca or a.insecure):
+        p.error("--learner needs mutual TLS: --tls-cert DIR/cert.pem --tls-key DIR/key.pem "
+                "--tls-ca DIR/ca.pem (from `tether certs robot ID`), or --insecure for local "
+                "development")
+    tls = {"--tls-cert": a.tls_cert, "--tls-key": a.tls_key, "--tls-ca": a.tls_ca}
+    if any(tls.values()) and not all(tls.values()):
+        p.error(f"mutual TLS needs all of --tls-cert --tls-key --tls-ca; missing "
+                f"{' '.join(k for k, v in tls.items() if not v)}")
     return NodeConfig(robot_id=a.robot_id, task=a.task, artifact=a.artifact, learner=a.learner,
                       spool=a.spool, status=a.status, seconds=a.seconds, seed=a.seed,
                       rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend,
                       metrics_port=a.metrics_port, strategy=a.strategy,
-                      actions_per_chunk=a.actions_per_chunk, max_obs_age_s=a.max_obs_age)
+                      actions_per_chunk=a.actions_per_chunk, max_obs_age_s=a.max_obs_age,
+                      trusted_keys=tuple(a.trusted_key), allow_unsigned=a.allow_unsigned,
+                      status_interval_s=a.status_interval, tls_cert=a.tls_cert,
+                      tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,
+                      insecure=a.insecure)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = parse_args(argv)
-    node = RobotNode(config)
+    from runtime.tls import TlsError
+    try:
+        node = RobotNode(config)
+    except SignatureError as e:
+        print(f"tether robot: refusing the initial artifact: {e}", file=sys.stderr)
+        return 2
+    except TlsError as e:
+        print(f"tether robot: TLS: {e}", file=sys.stderr)
+        return 2
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

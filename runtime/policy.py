@@ -15,7 +15,7 @@ import numpy as np
 
 from robots.base import Observation
 from runtime import distributions
-from runtime.artifact import verify_artifact
+from runtime.artifact import Manifest, verify_artifact
 from runtime.backends import load_backend
 from runtime.status import LatencyWindow
 from runtime.tokenizer import tokenize
@@ -38,11 +38,13 @@ class PolicyRunner:
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort", seed: int = 0,
                  temperature: float = 1.0, backend_options: dict | None = None,
-                 window: int = 256):
+                 window: int = 256, verified: Manifest | None = None):
+        """``verified``: the artifact's manifest, its files' sha256 just checked by the caller
+        (the weight subscriber hashes as it fetches; runtime/signature.py): not hashed again."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the mean action), got {temperature}")
         self.artifact_dir = pathlib.Path(artifact_dir)
-        self.manifest = verify_artifact(self.artifact_dir)
+        self.manifest = verified if verified is not None else verify_artifact(self.artifact_dir)
         m = self.manifest
         self.backend_name = backend
         self.backend = load_backend(backend, self.artifact_dir, m, **(backend_options or {}))

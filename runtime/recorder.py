@@ -8,6 +8,12 @@ log-probability of exactly those rows under the chunk's Gaussian, the summed rew
 flags of the span's last tick. Hold ticks (no chunk: an underrun) belong to the span they
 interrupt; hold ticks before the episode's first chunk go to the first record.
 
+``VerifierInfo.actions_clamped`` counts the span's envelope *interventions*: with the node's
+``envelope`` given, a tick counts when the envelope moved the command beyond plain saturation at
+the action bounds (``Envelope.intervened``, read right after that tick's ``apply`` on the same
+control thread); saturation is routine and would drown the verifier's "unsafe" label. Without
+an envelope every clamped tick counts.
+
 The control thread calls ``on_tick``; a spool append is two fsynced writes (about 7 ms median,
 30 ms p99 measured on the dev VM), too slow for a control tick, so batches go to the spool on a
 background writer thread through a bounded queue (``background=False`` writes inline, for tests
@@ -46,13 +52,13 @@ class _Span:
         self.clamped = 0
         self.last: TickRecord | None = None
 
-    def add(self, t: TickRecord) -> None:
+    def add(self, t: TickRecord, intervened: bool) -> None:
         if t.chunk is None:
             self.underrun += 1
         else:
             self.actions.append(np.asarray(t.action, np.float32))
             self.offsets.append(int(t.offset))
-        self.clamped += int(bool(t.clamped))
+        self.clamped += int(intervened)
         self.reward += float(t.reward)
         self.last = t
 
@@ -69,7 +75,7 @@ class Recorder:
     only; spooling happens on a writer thread (see the module docstring)."""
 
     def __init__(self, spool: Spool, robot_id: str, task: str, batch_records: int = 8, *,
-                 background: bool = True, queue_batches: int = 64):
+                 background: bool = True, queue_batches: int = 64, envelope=None):
         if batch_records < 1:
             raise ValueError(f"Recorder batch_records must be >= 1, got {batch_records}")
         if queue_batches < 1:
@@ -78,6 +84,7 @@ class Recorder:
         self.robot_id = robot_id
         self.task = task
         self.batch_records = int(batch_records)
+        self.envelope = envelope
         self.episode_id: str | None = None
         self._span: _Span | None = None
         self._held = 0          # hold ticks of this episode before its first chunk
@@ -124,19 +131,20 @@ class Recorder:
         if self.episode_id is None:
             log.warning("recorder: tick %d arrived outside an episode; starting one", t.tick)
             self.start_episode()
+        intervened = bool(t.clamped) and (self.envelope is None or self.envelope.intervened())
         if t.chunk is None:
             if self._span is None:
                 self._held += 1
                 self._held_reward += float(t.reward)
             else:
-                self._span.add(t)
+                self._span.add(t, intervened)
             return
         span = self._span
         if span is None or not _same_chunk(span.chunk, t.chunk):
             self._close_span()
             self._span = span = _Span(t.chunk, t.tick, self._held, self._held_reward)
             self._held, self._held_reward = 0, 0.0
-        span.add(t)
+        span.add(t, intervened)
 
     # -- records -----------------------------------------------------------------------------
     def _close_span(self) -> None:

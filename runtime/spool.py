@@ -180,11 +180,11 @@ class Spool:
             return batch_seq
 
     # -- reading and acknowledging -----------------------------------------------------------
-    def peek(self, max_batches: int = 1) -> list[tuple[int, pb.ExperienceBatch]]:
-        """Up to ``max_batches`` unacknowledged batches, oldest first. Unparseable files are
-        quarantined and skipped."""
+    def peek(self, max_batches: int = 1, after: int = 0) -> list[tuple[int, pb.ExperienceBatch]]:
+        """Up to ``max_batches`` unacknowledged batches with batch_seq > ``after``, oldest first
+        (a stream passes the last batch it sent). Unparseable files are quarantined and skipped."""
         with self._lock:
-            todo = [(b, entry[0]) for b, entry in self._index.items()]
+            todo = [(b, entry[0]) for b, entry in self._index.items() if b > after]
         out = []
         for batch_seq, name in todo:  # files are read without the lock: no tick waits on disk
             if len(out) >= max_batches:
@@ -261,3 +261,9 @@ class Spool:
         """Block until a batch is pending (or timeout); True if one is."""
         with self._appended:
             return self._appended.wait_for(lambda: bool(self._index), timeout)
+
+    def wait_after(self, batch_seq: int, timeout: float) -> bool:
+        """Block until a batch newer than ``batch_seq`` is pending (or timeout)."""
+        with self._appended:
+            return self._appended.wait_for(
+                lambda: bool(self._index) and next(reversed(self._index)) > batch_seq, timeout)

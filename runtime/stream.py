@@ -1,10 +1,16 @@
 """The experience stream: sends spooled batches to the learner, oldest first, and deletes each
 from the spool only after the learner's Ack (it acks only after a durable store).
 
-At-least-once: a batch whose RPC failed is resent after a capped, jittered exponential backoff;
-the learner deduplicates by (robot, episode, seq), so resends are safe. A batch the learner
-refuses as malformed (INVALID_ARGUMENT) is poison: resending cannot help and would block every
-batch behind it, so it is quarantined in the spool's ``corrupt/`` folder.
+Transport: one ``StreamExperience`` call with up to ``window`` batches in flight, acks in order
+(the learner's backpressure holds the window open); an idle stream is closed and reopened on the
+next batch. A learner without the streaming call (UNIMPLEMENTED) gets one ``PushExperience`` per
+batch instead, for the rest of this client's life.
+
+At-least-once: after a failed stream or push, every unacknowledged batch is resent after a
+capped, jittered exponential backoff; the learner deduplicates by (robot, episode, seq), so
+resends are safe. A batch the learner refuses as malformed (INVALID_ARGUMENT) is poison: resending
+cannot help and would block every batch behind it, so it is quarantined in the spool's
+``corrupt/`` folder and the stream reconnects at once.
 """
 from __future__ import annotations
 
@@ -24,7 +30,13 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   # a restarted learner is reached within ~2 s, not gRPC's default of up to 2 min
+                   ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+STREAM_WINDOW = 8           # batches sent on a stream and not yet acknowledged
+STREAM_IDLE_CLOSE_S = 5.0   # an idle stream is closed (it holds a learner thread)
+BATCH_SEQ_TRAILER = "tether-batch-seq"  # the learner names a refused batch in this trailer
 
 
 def insecure_channel(addr: str) -> grpc.Channel:
@@ -56,10 +68,13 @@ class ExperienceClient:
     attributes read by the node's stats."""
 
     def __init__(self, addr: str, spool: Spool, robot_id: str, *, rpc_timeout_s: float = 10.0,
-                 backoff_cap_s: float = 2.0,
+                 backoff_cap_s: float = 2.0, window: int = STREAM_WINDOW, stream: bool = True,
                  channel_factory: Callable[[str], grpc.Channel] = insecure_channel):
+        """``rpc_timeout_s`` bounds a push, and the wait for each ack on a stream."""
         if rpc_timeout_s <= 0:
             raise ValueError(f"ExperienceClient rpc_timeout_s must be > 0, got {rpc_timeout_s}")
+        if window < 1:
+            raise ValueError(f"ExperienceClient window must be >= 1, got {window}")
         if robot_id != spool.robot_id:
             raise ValueError(f"ExperienceClient robot_id {robot_id!r} differs from the spool's "
                              f"{spool.robot_id!r}; a robot can only send its own experience")
@@ -74,6 +89,12 @@ class ExperienceClient:
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._busy = False
+        self.window = window
+        self.transport = "stream" if stream else "push"
+        self._window = threading.Condition()
+        self._inflight: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._call = None
+        self._ack_timed_out: int | None = None
         self.batches_sent = 0
         self.batches_acked = 0
         self.batches_quarantined = 0
@@ -113,7 +134,7 @@ class ExperienceClient:
 
     # -- stats -------------------------------------------------------------------------------
     def ack_latency_s(self, q: float) -> float:
-        """Quantile q of recent PushExperience round trips (0.0 when none yet)."""
+        """Quantile q of recent send-to-ack times (0.0 when none yet)."""
         lat = sorted(self._latencies)
         if not lat:
             return 0.0
@@ -132,13 +153,16 @@ class ExperienceClient:
                 "batches_quarantined": self.batches_quarantined, "errors": self.errors,
                 "last_error": self.last_error, "pending_records": self.spool.pending(),
                 "ack_latency_p50_s": self.ack_latency_p50_s,
-                "ack_latency_p99_s": self.ack_latency_p99_s}
+                "ack_latency_p99_s": self.ack_latency_p99_s, "transport": self.transport}
 
     # -- the sender thread -------------------------------------------------------------------
     def _run(self) -> None:
         stub = pb_grpc.LearnerStub(self._channel)
         while not self._stop.is_set():
             if not self.spool.wait(0.1):
+                continue
+            if self.transport == "stream":
+                self._stream(stub)
                 continue
             with self._idle:
                 self._busy = True
@@ -150,6 +174,107 @@ class ExperienceClient:
                     self._busy = False
                     self._idle.notify_all()
 
+    # -- streaming -----------------------------------------------------------------------------
+    def _stream(self, stub) -> None:
+        """One StreamExperience call, until it ends, fails or goes idle."""
+        ended = threading.Event()
+        with self._window:
+            self._inflight.clear()
+        self._ack_timed_out = None
+        try:
+            self._call = stub.StreamExperience(self._requests(ended))
+            for ack in self._call:
+                if not self._on_stream_ack(ack):
+                    self._call.cancel()
+                    return
+        except grpc.RpcError as e:
+            self._on_stream_error(e)
+        except ValueError:
+            if not self._stop.is_set():
+                raise  # stop() closed the channel under us; unacked batches stay spooled
+        finally:
+            ended.set()
+            self._call = None
+
+    def _requests(self, ended: threading.Event):
+        """The batches of one stream: the next spooled ones while the window has room."""
+        last, idle_since = 0, time.monotonic()
+        while not (ended.is_set() or self._stop.is_set()):
+            with self._window:
+                if self._inflight:
+                    oldest, sent_at = next(iter(self._inflight.items()))
+                    if time.monotonic() - sent_at > self.rpc_timeout_s:
+                        self._ack_timed_out = oldest
+                        call = self._call
+                        if call is not None:
+                            call.cancel()
+                        return
+                if len(self._inflight) >= self.window:
+                    self._window.wait(0.05)
+                    continue
+                idle = not self._inflight
+            nxt = self.spool.peek(1, after=last)
+            if not nxt:
+                if idle and time.monotonic() - idle_since > STREAM_IDLE_CLOSE_S:
+                    return  # half-close: the learner ends the call once its acks are out
+                self.spool.wait_after(last, 0.05)
+                continue
+            last, batch = nxt[0]
+            with self._window:
+                self._inflight[last] = time.monotonic()
+            idle_since = time.monotonic()
+            self.batches_sent += 1
+            yield batch
+
+    def _on_stream_ack(self, ack: pb.Ack) -> bool:
+        with self._window:
+            expected = next(iter(self._inflight), None)
+            if ack.batch_seq != expected or (ack.robot_id and ack.robot_id != self.robot_id):
+                mismatch = True
+            else:
+                mismatch, sent_at = False, self._inflight.pop(expected)
+                self._window.notify_all()
+        if mismatch:
+            self._fail(f"learner acked batch {ack.batch_seq} of {ack.robot_id!r} while batch "
+                       f"{expected} of {self.robot_id!r} was next; resending")
+            return False
+        self._latencies.append(time.monotonic() - sent_at)
+        self.spool.ack(expected)
+        self.batches_acked += 1
+        self.records_stored += ack.stored
+        self.records_duplicate += ack.duplicates
+        self._backoff.reset()
+        return True
+
+    def _on_stream_error(self, e: grpc.RpcError) -> None:
+        if self._stop.is_set():
+            return
+        code = e.code() if hasattr(e, "code") else None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("experience: %s has no StreamExperience; using PushExperience", self.addr)
+            self.transport = "push"
+            return
+        with self._window:
+            oldest = next(iter(self._inflight), None)
+        if code == grpc.StatusCode.INVALID_ARGUMENT and oldest is not None:
+            named = _trailer_seq(e)
+            # acks arrive in order, so the refused batch is the oldest unacknowledged one
+            bad = named if named is not None and named in self._inflight else oldest
+            self._quarantine(bad, e)
+            return  # the rest of the window is resent on a new stream, at once
+        if self._ack_timed_out is not None:
+            self._fail(f"no ack for batch {self._ack_timed_out} from {self.addr} within "
+                       f"{self.rpc_timeout_s} s; resending")
+            return
+        self._fail(f"StreamExperience to {self.addr}: {code.name if code else 'error'}: "
+                   f"{_details(e)}")
+
+    def _quarantine(self, batch_seq: int, e: grpc.RpcError) -> None:
+        self.batches_quarantined += 1
+        self.last_error = f"batch {batch_seq} refused: {_details(e)}"
+        self.spool.quarantine(batch_seq, f"was refused by the learner as invalid ({_details(e)})")
+
+    # -- one batch per call (learners without StreamExperience) --------------------------------
     def _send(self, stub, batch_seq: int, batch: pb.ExperienceBatch) -> None:
         t0 = time.monotonic()
         self.batches_sent += 1
@@ -164,10 +289,7 @@ class ExperienceClient:
             if self._stop.is_set():
                 return
             if code == grpc.StatusCode.INVALID_ARGUMENT:
-                self.batches_quarantined += 1
-                self.last_error = f"batch {batch_seq} refused: {_details(e)}"
-                self.spool.quarantine(batch_seq, f"was refused by the learner as invalid "
-                                                 f"({_details(e)})")
+                self._quarantine(batch_seq, e)
                 return
             self._fail(f"PushExperience of batch {batch_seq} to {self.addr}: "
                        f"{code.name if code else 'error'}: {_details(e)}")
@@ -191,6 +313,16 @@ class ExperienceClient:
         level = logging.WARNING if self._backoff.failures <= 1 else logging.DEBUG
         log.log(level, "experience: %s; retrying in %.2f s", message, delay)
         self._stop.wait(delay)
+
+
+def _trailer_seq(e: grpc.RpcError) -> int | None:
+    try:
+        for key, value in e.trailing_metadata() or ():
+            if key == BATCH_SEQ_TRAILER:
+                return int(value)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return None
 
 
 def _details(e: grpc.RpcError) -> str:

@@ -3,6 +3,8 @@ on loopback, shows live progress, and writes ``summary.json`` and ``learning_cur
 
 Every robot is a real ``tether robot`` process (ONNX Runtime inference, its own spool, a gRPC
 experience stream and weight subscription); the learner is a real ``tether learner`` process.
+They talk mutual TLS: each run makes a fresh fleet CA and one certificate per robot under
+``OUT/certs`` (learner/certs.py); ``--insecure`` runs them in plaintext.
 """
 from __future__ import annotations
 
@@ -39,7 +41,13 @@ class FleetConfig:
     cache_dir: str = ".tether-cache/pretrained"
     publish_interval_s: float = 25.0
     min_episodes: int = 2
+    staleness: int | None = None  # the learner's staleness S (None: its default; 0: synchronous)
+    train: bool = True            # False: the learner only ingests and serves version 1
+    canary_fraction: float | None = None  # the learner's canary rollout (None: its default)
+    canary_episodes: int | None = None
+    ray: str | None = None        # place robots with Ray: "auto" or a cluster address (sim/ray_fleet.py)
     drain_timeout_s: float = 90.0
+    insecure: bool = False        # plaintext gRPC; default: mutual TLS with a fresh CA per run
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
 
@@ -48,6 +56,14 @@ class FleetConfig:
             raise ValueError(f"--robots must be >= 1, got {self.robots}")
         if self.minutes <= 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+
+
+def learner_trust(learner_data: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(version 1 as the learner signed it, the learner's public key) for a learner started with
+    ``--data learner_data`` (default key location): what a robot starts from and trusts."""
+    from learner.registry import version_name
+    return (learner_data / "registry" / "versions" / version_name(1),
+            learner_data / "signing_key.pub")
 
 
 def _child_env() -> dict:
@@ -69,16 +85,51 @@ class Fleet:
         self.learner: subprocess.Popen | None = None
         self.robots: dict[str, subprocess.Popen] = {}
         self.addr = ""
+        self.placement = None  # sim.ray_fleet.RayPlacement when robots are placed by Ray
         self.publishes: list[tuple[float, int]] = []
         self.samples: list[tuple[float, int, int]] = []
         self.t0 = 0.0
+        self.certs: dict = {}  # identity name -> learner.certs.Issued (empty: --insecure)
+        self._stats_channel: grpc.Channel | None = None
 
     # -- processes -------------------------------------------------------------------------
+    def make_certs(self) -> None:
+        """A fresh fleet CA under OUT/certs for this run, the learner's certificate (for the
+        addresses robots dial), one certificate per robot and an operator one for the monitor."""
+        from learner import certs
+        root = self.out / "certs"
+        certs.init_ca(root / "ca", force=True)
+        hosts = (*certs.DEFAULT_HOSTS, *([self.placement.ip] if self.placement else []))
+        wanted = [(certs.LEARNER, "learner", tuple(dict.fromkeys(hosts))),
+                  (certs.OPERATOR, "fleet-monitor", ())]
+        wanted += [(certs.ROBOT, f"robot-{i}", ()) for i in range(self.config.robots)]
+        self.certs = {name: certs.issue(root / "ca", role, name, root / name, hosts=h, force=True)
+                      for role, name, h in wanted}
+
+    def _tls_args(self, name: str) -> list[str]:
+        if self.config.insecure:
+            return ["--insecure"]
+        issued = self.certs[name]
+        return ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key),
+                "--tls-ca", str(issued.ca)]
+
     def start_learner(self, artifact: pathlib.Path, checkpoint: pathlib.Path | None) -> None:
         c = self.config
-        args = ["learner", "--addr", "127.0.0.1:0", "--data", str(self.out / "learner"),
+        if not c.insecure:
+            self.make_certs()
+        host = self.placement.bind_host if self.placement else "127.0.0.1"
+        args = ["learner", "--addr", f"{host}:0", "--data", str(self.out / "learner"),
                 "--init-artifact", str(artifact), "--publish-interval", str(c.publish_interval_s),
-                "--min-episodes", str(c.min_episodes), "--seed", str(c.seed)]
+                "--min-episodes", str(c.min_episodes), "--seed", str(c.seed),
+                *self._tls_args("learner")]
+        if c.staleness is not None:
+            args += ["--staleness", str(c.staleness)]
+        if c.canary_fraction is not None:
+            args += ["--canary-fraction", str(c.canary_fraction)]
+        if c.canary_episodes is not None:
+            args += ["--canary-episodes", str(c.canary_episodes)]
+        if not c.train:
+            args += ["--no-train"]
         if checkpoint is not None:
             args += ["--init-checkpoint", str(checkpoint)]
         log = open(self.out / "learner.log", "w")
@@ -104,7 +155,9 @@ class Fleet:
                                    f"see {self.out / 'learner.log'}")
 
     def start_robots(self, artifact: pathlib.Path) -> None:
+        """``artifact``: signed by the learner (robots refuse anything else; see learner_trust)."""
         c = self.config
+        _, public_key = learner_trust(self.out / "learner")
         for i in range(c.robots):
             rid = f"robot-{i}"
             home = self.out / "robots" / rid
@@ -113,7 +166,10 @@ class Fleet:
                     "--artifact", str(artifact), "--learner", self.addr,
                     "--spool", str(home / "spool"), "--status", str(home / "status.json"),
                     "--seconds", str(c.minutes * 60), "--seed", str(ROBOT_SEED_BASE + c.seed * 1000 + i),
-                    "--camera", c.camera]
+                    "--camera", c.camera, "--trusted-key", str(public_key), *self._tls_args(rid)]
+            if self.placement is not None:  # Ray: the same process, on some node of the cluster
+                self.robots[rid] = self.placement.start(rid, args, home)
+                continue
             with open(home / "robot.log", "w") as log:
                 self.robots[rid] = subprocess.Popen(_tether(*args), stdout=log,
                                                     stderr=subprocess.STDOUT, env=_child_env())
@@ -127,6 +183,9 @@ class Fleet:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if self._stats_channel is not None:
+            self._stats_channel.close()
+            self._stats_channel = None
 
     # -- observation -----------------------------------------------------------------------
     def statuses(self) -> list[dict]:
@@ -142,9 +201,16 @@ class Fleet:
     def learner_stats(self) -> dict:
         if not self.addr:
             return {}
+        if self._stats_channel is None:  # one channel (one TLS handshake) for the whole run
+            if self.config.insecure:
+                self._stats_channel = grpc.insecure_channel(self.addr)
+            else:
+                from runtime.tls import TlsConfig
+                issued = self.certs["fleet-monitor"]
+                self._stats_channel = TlsConfig(str(issued.cert), str(issued.key),
+                                                str(issued.ca)).channel_factory()(self.addr)
         try:
-            with grpc.insecure_channel(self.addr) as ch:
-                s = pb_grpc.LearnerStub(ch).GetStats(pb.StatsRequest(), timeout=5)
+            s = pb_grpc.LearnerStub(self._stats_channel).GetStats(pb.StatsRequest(), timeout=5)
         except grpc.RpcError:
             return {}
         return {"records_stored": s.records_stored, "duplicates_dropped": s.duplicates_dropped,
@@ -201,6 +267,12 @@ def run_fleet(config: FleetConfig) -> dict:
     fleet.out.mkdir(parents=True, exist_ok=True)
     print(f"fleet: {config.robots} robots on {', '.join(tasks)} for {config.minutes:g} min "
           f"-> {fleet.out}", flush=True)
+    if config.ray:  # before pretraining: fail fast without ray or a cluster
+        from sim.ray_fleet import RayPlacement
+        try:
+            fleet.placement = RayPlacement(config.ray, config.robots)
+        except (RuntimeError, ConnectionError) as e:  # no ray installed, no cluster there
+            raise SystemExit(f"tether fleet: --ray {config.ray}: {e}") from e
     t = time.monotonic()
     artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed))
     checkpoint = artifact.parent / "model.pt"
@@ -209,15 +281,20 @@ def run_fleet(config: FleetConfig) -> dict:
         fleet.start_learner(artifact, checkpoint if checkpoint.exists() else None)
         print(f"fleet: learner at {fleet.addr}", flush=True)
         fleet.t0 = time.monotonic()
-        fleet.start_robots(artifact)
+        # robots start from the learner's signed version 1, not the unsigned pretrained export
+        fleet.start_robots(learner_trust(fleet.out / "learner")[0])
         statuses = fleet.monitor()
         duration = time.monotonic() - fleet.t0
         stats = fleet.learner_stats()
     finally:
         fleet.stop()
+        if fleet.placement is not None:
+            fleet.placement.close()
     summary = report.aggregate(statuses, stats, duration)
     summary["robot_exit_codes"] = {rid: p.returncode for rid, p in fleet.robots.items()}
     summary["tasks"] = list(tasks)
+    # cumulative (seconds, episodes, successes) about once a second: sim.bench_learning's curves
+    summary["samples"] = [[round(t, 2), e, s] for t, e, s in fleet.samples]
     curve = report.learning_curve(fleet.samples, config.curve_bin_s)
     report.write_outputs(fleet.out, summary, curve, fleet.publishes)
     return summary
@@ -251,12 +328,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--camera", default=FleetConfig.camera, help="fast | mujoco")
     p.add_argument("--cache-dir", default=FleetConfig.cache_dir,
                    help="where the pretrained policy is cached")
+    p.add_argument("--staleness", type=int, default=None,
+                   help="the learner's staleness: 0 = synchronous on-policy, larger = more "
+                        "asynchronous (default: the learner's)")
+    p.add_argument("--min-episodes", type=int, default=FleetConfig.min_episodes,
+                   help="new complete episodes per published version (at least)")
+    p.add_argument("--no-train", action="store_true",
+                   help="no training: measure the initial policy (the learner only ingests)")
     p.add_argument("--publish-interval", type=float, default=FleetConfig.publish_interval_s,
                    help="seconds between published versions (at least)")
+    p.add_argument("--canary-fraction", type=float, default=None,
+                   help="fraction of robots that try each new version first (0: no canaries; "
+                        "default: the learner's)")
+    p.add_argument("--canary-episodes", type=int, default=None,
+                   help="canary episodes before a version is promoted or rolled back")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext gRPC between robots and learner (default: mutual TLS with a "
+                        "fresh CA and certificates under OUT/certs)")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="place the robots with Ray: auto (this machine's cluster, else a local "
+                        "instance) or a cluster address (needs pip install 'tether[scale]')")
     a = p.parse_args(argv)
-    config = FleetConfig(robots=a.robots, minutes=a.minutes, out=a.out, seed=a.seed,
+    config = FleetConfig(ray=a.ray, robots=a.robots, minutes=a.minutes, out=a.out, seed=a.seed,
                          tasks=tuple(t for t in a.tasks.split(",") if t), camera=a.camera,
-                         cache_dir=a.cache_dir, publish_interval_s=a.publish_interval)
+                         cache_dir=a.cache_dir, publish_interval_s=a.publish_interval,
+                         staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
+                         canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
+                         insecure=a.insecure)
     summary = run_fleet(config)
     print(json.dumps({k: summary[k] for k in (
         "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",

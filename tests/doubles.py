@@ -2,12 +2,17 @@
 
 ``PointMassRobot``   a Robot: a point end effector moved by delta commands, one camera.
 ``FakePolicy``       a ChunkPolicy (runtime/inference.py) with scripted chunks and latency.
-``export_tiny_artifact``  a real exported ReferenceVLA artifact (needs torch: tests only).
+``export_tiny_artifact``  a real exported ReferenceVLA artifact (needs torch: tests only),
+                     signed with the test key.
+``signing_key_for_tests`` / ``public_key_for_tests``  the fixed test key pair (a robot trusts the latter:
+                     ``NodeConfig(trusted_keys=(public_key_for_tests(),))``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
+import tempfile
 import threading
 import time
 
@@ -141,10 +146,32 @@ class FakePolicy:
         return np.asarray(cmd, np.float32)
 
 
+TEST_KEY_SEED = b"tether test signing key, tests only"[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def signing_key_for_tests():
+    """A fixed ed25519 key (learner.signing.SigningKey) that signs test artifacts."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from learner.signing import SigningKey
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(TEST_KEY_SEED))
+
+
+@functools.lru_cache(maxsize=None)
+def public_key_for_tests() -> str:
+    """Path of the test key's public key file (written once per test process)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="tether-test-key-")) / "test_key.pub"
+    path.write_bytes(signing_key_for_tests().public_pem())
+    return str(path)
+
+
 def export_tiny_artifact(out_dir: str | pathlib.Path, version: int = 1, seed: int = 0,
-                         horizon: int = 8, width: int = 32, features: int = 16):
-    """Export a small random ReferenceVLA for the sawyer_metaworld description. Returns the
-    manifest. Needs torch (the learner side); only tests and tools call this."""
+                         horizon: int = 8, width: int = 32, features: int = 16,
+                         sign: bool = True):
+    """Export a small random ReferenceVLA for the sawyer_metaworld description, signed with the
+    test key unless ``sign`` is false. Returns the manifest. Needs torch (the learner side);
+    only tests and tools call this."""
     import torch
 
     from learner.export import export_artifact
@@ -158,6 +185,10 @@ def export_tiny_artifact(out_dir: str | pathlib.Path, version: int = 1, seed: in
                        channels=cam.channels, width=width, features=features)
     norm = {"state_mean": [0.0, 0.6, 0.2, 0.5], "state_std": [0.2, 0.2, 0.1, 0.5],
             "action_mean": [0.0] * desc.action_dim, "action_std": [0.5] * desc.action_dim}
-    return export_artifact(ReferenceVLA(config), out_dir, version=version, parent_version=0,
-                           normalization=norm, robot=desc.name,
-                           control_rate_hz=desc.control_rate_hz)
+    manifest = export_artifact(ReferenceVLA(config), out_dir, version=version, parent_version=0,
+                               normalization=norm, robot=desc.name,
+                               control_rate_hz=desc.control_rate_hz)
+    if sign:
+        from learner.signing import sign_artifact
+        manifest = sign_artifact(out_dir, signing_key_for_tests())
+    return manifest

@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "verifier": "sim.bench_verifier:main",
     "learner": "sim.bench_learner:main",
     "backends": "sim.bench_backends:main",
+    "tls": "sim.bench_tls:main",
 }
 
 

@@ -12,7 +12,11 @@ SUBCOMMANDS = {
     "robot": ("runtime.node:main", "run one robot's inference node"),
     "pretrain": ("learner.pretrain:main", "behaviour-clone the reference VLA on scripted demos"),
     "inspect": ("tether.inspect:main", "verify a policy artifact and print its manifest"),
+    "keys": ("learner.signing:main", "create the learner's ed25519 signing keys; sign an artifact"),
+    "certs": ("learner.certs:main", "create the fleet CA and mutual-TLS certificates (robots, "
+                                    "learner, operators)"),
     "ros": ("runtime.ros.cli:main", "run the ROS 2 node over cyclonedds (no ROS install needed)"),
+    "export": ("learner.export_lerobot:main", "export fleet experience as a LeRobotDataset v3"),
     "bench": ("tether.bench:main", "run a benchmark and write its JSON (tether bench NAME --out F)"),
 }
 

@@ -107,7 +107,8 @@ class RosNodeCore:
                                 learner=None if secure else (p.learner or None),
                                 spool=p.spool or None, rate_hz=p.control_rate_hz or None,
                                 backend=p.backend, temperature=p.temperature,
-                                on_violation=p.on_violation, margin_ticks=p.margin_ticks)
+                                on_violation=p.on_violation, margin_ticks=p.margin_ticks,
+                                trusted_keys=p.trusted_key_files, allow_unsigned=p.allow_unsigned)
             self.node = node = RobotNode(config, robot=self.robot, clock=WallClock())
             if secure:
                 self._attach_learner(tls_channel_factory(p.learner_ca, p.learner_cert,
@@ -139,7 +140,8 @@ class RosNodeCore:
         n.client = ExperienceClient(p.learner, n.spool, p.robot_id, channel_factory=factory)
         n.subscriber = WeightSubscriber(p.learner, p.robot_id, n.config.staging_dir,
                                         n._on_artifact, n.policy.version,
-                                        channel_factory=factory)
+                                        channel_factory=factory, trust=n.trust,
+                                        on_rollback=n._on_rollback)
 
     def _open_topics(self, cams: dict) -> None:
         p, t, cache = self.params, self.transport, self.cache

@@ -48,6 +48,8 @@ class RosParams:
     learner_cert: str = ""
     learner_key: str = ""
     spool: str = ""
+    trusted_keys: str = ""
+    allow_unsigned: bool = False
 
     def __post_init__(self):
         checks = [
@@ -72,6 +74,10 @@ class RosParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"tether ROS parameters: {message}")
+
+    @property
+    def trusted_key_files(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.trusted_keys.split(",") if k.strip())
 
     def image_topic_for(self, camera: str) -> str:
         topic = self.image_topic.replace(CAMERA, camera)
@@ -118,6 +124,9 @@ DESCRIPTIONS = {
     "learner_cert": "mutual TLS: this robot's certificate (PEM)",
     "learner_key": "mutual TLS: this robot's private key (PEM)",
     "spool": "experience spool directory; empty = ./tether-robot/<robot_id>/spool",
+    "trusted_keys": "comma-separated learner public key files (PEM); artifacts must be signed "
+                    "by one of them, the one in 'artifact' included",
+    "allow_unsigned": "accept unsigned artifacts (local development only; logged as a warning)",
 }
 assert set(DESCRIPTIONS) == {f.name for f in dataclasses.fields(RosParams)}
 

@@ -35,3 +35,6 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     assert set(s["success_rate_by_version"]) >= {"1"}
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "learner: stored" in r.stdout  # live progress was shown
+    # over mutual TLS by default: a fresh CA and one certificate (key 0600) per robot
+    assert (out / "certs" / "robot-1" / "key.pem").stat().st_mode & 0o077 == 0
+    assert "plaintext" not in (out / "learner.log").read_text()

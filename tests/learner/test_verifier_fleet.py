@@ -1,6 +1,7 @@
 """The live learner trains the verifier's scorer at publish time and ships it in the artifact."""
 import numpy as np
 
+from learner.episodes import Episode
 from learner.trainer import Trainer, TrainerConfig
 from learner.verifier_fleet_train import FleetScorerConfig, scorer_data
 from learner.verifier_train import ScorerTrainConfig
@@ -25,25 +26,36 @@ def fleet_episodes(session, manifest, n=6):
     return out
 
 
+def _failed(ep):
+    """The episode ends in a failure signal (terminated without success), not a time limit."""
+    ep[-1].truncated, ep[-1].terminated = False, True
+    return ep
+
+
 def test_labels_and_advantages_come_from_the_records(setup):
     store, registry, manifest, session = setup
     trainer = Trainer(store, registry, TrainerConfig(verifier=FLEET))
-    eps = fleet_episodes(session, manifest, 2)
+    won, timed_out = fleet_episodes(session, manifest, 2)
+    failed = _failed(fleet_episodes(session, manifest, 2)[1])
+    eps = [won, timed_out, failed]
     d = scorer_data(trainer.model, trainer.spec, eps, 0.9, lookahead=4)
-    assert len(d) == 12 and d.actions.shape == d.mean.shape == (12, 8, 4)
-    won, lost = d.safe[:6], d.safe[6:]
-    assert won.tolist() == [1.0] * 6
-    # 4 ticks per chunk, T = 4: chunk 1 reaches into the clamped chunk 2; the last chunks of a
-    # failed episode are unsafe
-    assert lost.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    assert d.led_to_success.tolist() == [True] * 6 + [False] * 6
+    assert len(d) == 18 and d.actions.shape == d.mean.shape == (18, 8, 4)
+    assert d.safe[:6].tolist() == [1.0] * 6
+    # 4 ticks per chunk, T = 4: chunk 1 reaches into the clamped chunk 2; running out of time
+    # is not unsafe, a failure signal makes the last chunks unsafe
+    assert d.safe[6:12].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert d.safe[12:].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert d.led_to_success.tolist() == [True] * 6 + [False] * 12
     assert d.advantage[:6].mean() > d.advantage[6:].mean()
-    # executed rows keep the executed actions; the rest of the chunk is the policy mean
-    r = eps[0][1]
+    # the candidate looks like the robot's: committed prefix, executed rows, and fresh draws
+    # from the policy's Gaussian (not its mean) on the rows that did not run
+    r = won[1]
     np.testing.assert_allclose(d.actions[1, list(r.offsets)],
                                np.frombuffer(r.actions.data, np.float32).reshape(-1, 4), atol=1e-6)
-    rest = [i for i in range(8) if i not in r.offsets]
-    np.testing.assert_allclose(d.actions[1, rest], d.mean[1, rest])
+    prefix = np.frombuffer(r.prefix.data, np.float32).reshape(8, 4)
+    np.testing.assert_allclose(d.actions[1, :r.prefix_len], prefix[:r.prefix_len])
+    rest = [i for i in range(int(r.prefix_len), 8) if i not in r.offsets]
+    assert rest and not np.allclose(d.actions[1, rest], d.mean[1, rest])
 
 
 def test_each_published_version_ships_a_trained_scorer(setup):
@@ -52,7 +64,7 @@ def test_each_published_version_ships_a_trained_scorer(setup):
     assert trainer.publish().extra.get("verifier") is None  # no episodes yet: no scorer
     eps = fleet_episodes(session, manifest)
     trainer.train_on([r for ep in eps for r in ep])
-    trainer._replay.extend(eps)
+    trainer._replay.extend(Episode((ep[0].robot_id, ep[0].episode_id), 0, ep) for ep in eps)
     m = trainer.publish()
     assert "verifier.onnx" in m.files and 0 <= m.extra["verifier"]["threshold"] <= 1
     m = verify_artifact(registry.artifact_dir(m.version))

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from learner.verifier_train import (ScorerData, ScorerTrainConfig, chunk_labels, fit_temperature,
-                                    pick_threshold, train_scorer)
+from learner.verifier_train import (ScorerData, ScorerTrainConfig, chunk_labels, fit_platt,
+                                    fit_temperature, pick_threshold, predict, train_scorer)
 from verifier.scorer import OnnxScorer
 
 
@@ -10,10 +10,13 @@ def test_labels_mark_interventions_and_failure_within_lookahead():
     clamped = np.zeros(20, bool)
     clamped[9] = True
     chunks = [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]
-    ok = chunk_labels(chunks, clamped, 20, success=True, lookahead=2)
+    ok = chunk_labels(chunks, clamped, 20, failed=False, lookahead=2)
     assert ok.tolist() == [1, 0, 0, 1, 1]  # chunk 1 ends at 8, tick 9 is within T=2
-    failed = chunk_labels(chunks, np.zeros(20, bool), 20, success=False, lookahead=4)
+    failed = chunk_labels(chunks, np.zeros(20, bool), 20, failed=True, lookahead=4)
     assert failed.tolist() == [1, 1, 1, 0, 0]
+    # a time limit is not a failure: without a failure signal only interventions count
+    timed_out = chunk_labels(chunks, np.zeros(20, bool), 20, failed=False, lookahead=4)
+    assert timed_out.tolist() == [1, 1, 1, 1, 1]
 
 
 def test_threshold_and_temperature():
@@ -23,6 +26,15 @@ def test_threshold_and_temperature():
     logit = rng.normal(0, 3, 4000)
     y = (rng.random(4000) < 1 / (1 + np.exp(-logit / 3))).astype(float)
     assert fit_temperature(logit, y) == pytest.approx(3.0, rel=0.2)
+    # Platt also fits the base rate a temperature cannot move
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * logit - 1.0)))).astype(float)
+    scale, bias = fit_platt(logit, y)
+    assert scale == pytest.approx(0.5, rel=0.15) and bias == pytest.approx(-1.0, abs=0.15)
+    assert fit_platt(logit, np.ones(4000)) == (1.0, 0.0)  # one class: identity
+    # held-out chunks that rank the other way round: no trust in the logit, the base rate
+    y = (rng.random(4000) < 1 / (1 + np.exp(logit))).astype(float)
+    scale, bias = fit_platt(logit, y)
+    assert scale == 0.0 and 1 / (1 + np.exp(-bias)) == pytest.approx(y.mean())
 
 
 def _synthetic(n=600, seed=0):
@@ -56,3 +68,17 @@ def test_scorer_learns_exports_and_scores_batched(tmp_path):
     assert p[test.safe > 0].mean() > p[test.safe == 0].mean() + 0.2
     entry = trained.manifest_entry()
     assert entry["file"] == "verifier.onnx" and 0 <= entry["threshold"] <= 1
+
+
+def test_a_scorer_that_learned_nothing_vetoes_nothing():
+    """Random labels (75% safe): calibrated P(safe) sits near the base rate for every chunk;
+    a quantile-based threshold alone would veto on noise, the cap keeps the veto for chunks
+    that are more likely unsafe than safe."""
+    d = _synthetic(400, seed=2)
+    rng = np.random.default_rng(3)
+    d.safe = (rng.random(len(d)) < 0.75).astype(np.float32)
+    d.led_to_success = np.ones(len(d), bool)
+    trained = train_scorer(d, ScorerTrainConfig(epochs=5))
+    assert trained.threshold <= 0.5
+    p, _ = predict(trained.model, _synthetic(200, seed=4))
+    assert (p < trained.threshold).mean() < 0.05

@@ -34,7 +34,9 @@ def main(argv=None) -> int:
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-ros-bench-"))
     export_arm7_artifact(tmp / "policy")
-    params = RosParams(artifact=str(tmp / "policy"), spool=str(tmp / "spool"), max_age_s=0.2)
+    from tests.doubles import public_key_for_tests
+    params = RosParams(artifact=str(tmp / "policy"), spool=str(tmp / "spool"), max_age_s=0.2,
+                       trusted_keys=public_key_for_tests())
     arm, diag = Arm(tmp), Diagnostics()
     transport = DdsTransport(diag.t.domain_id)
     core = RosNodeCore(params, transport)

@@ -90,7 +90,9 @@ def test_node_over_dds_commands_holds_and_follows_the_lifecycle(loopback, tmp_pa
     from runtime.ros.transport_dds import DdsTransport
 
     export_arm7_artifact(tmp_path / "policy")
+    from tests.doubles import public_key_for_tests
     params = RosParams(artifact=str(tmp_path / "policy"), robot_id="arm0",
+                       trusted_keys=public_key_for_tests(),
                        spool=str(tmp_path / "spool"), max_age_s=0.5, max_skew_s=0.1)
     desc = load_description("arm7_position")
     arm = Arm(tmp_path)

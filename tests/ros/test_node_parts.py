@@ -35,7 +35,9 @@ def image(t, h=4, w=6, encoding="rgb8", fill=None, step=None):
 
 def test_shipped_params_file_loads_and_every_key_is_a_parameter():
     params = load_params_file(REPO / "launch" / "config" / "robot.yaml")
-    assert params == dataclasses.replace(RosParams(), artifact="/opt/tether/policy")
+    assert params == dataclasses.replace(RosParams(), artifact="/opt/tether/policy",
+                                         trusted_keys="/opt/tether/signing_key.pub")
+    assert params.trusted_key_files == ("/opt/tether/signing_key.pub",)
 
 
 def test_unknown_parameter_suggests_the_nearest(tmp_path):

@@ -31,6 +31,7 @@ class LearnerDouble(pb_grpc.LearnerServicer):
         self.chunk_delay_s = 0.0
         self.artifacts: dict[int, str] = {}    # version -> artifact directory
         self.latest = 0
+        self.rollback = False                  # the latest announcement is a rollback
         self.break_at: dict[tuple[int, str], int] = {}  # (version, name) -> abort at byte (once)
         self.tamper: dict[tuple[int, str], bytes] = {}  # (version, name) -> bytes served instead
         self.fetches: list[tuple[int, str, int]] = []  # (version, name, offset) requested
@@ -62,6 +63,13 @@ class LearnerDouble(pb_grpc.LearnerServicer):
         with self._cond:
             self.artifacts[version] = str(directory)
             self.latest = max(self.latest, version)
+            self.rollback = False
+            self._cond.notify_all()
+
+    def roll_back_to(self, version: int) -> None:
+        """Announce an older, already published version with ``rollback`` set."""
+        with self._cond:
+            self.latest, self.rollback = version, True
             self._cond.notify_all()
 
     def break_subscriptions(self) -> None:
@@ -84,14 +92,16 @@ class LearnerDouble(pb_grpc.LearnerServicer):
             generation = self._generation
         while context.is_active():
             with self._cond:
-                self._cond.wait_for(lambda: self.latest > sent or self._generation != generation,
+                self._cond.wait_for(lambda: self.latest != sent or self._generation != generation,
                                     0.1)
                 if self._generation != generation:
                     context.abort(grpc.StatusCode.UNAVAILABLE, "learner double: stream broken")
-                latest = self.latest
-            if latest > sent:
+                latest, rollback = self.latest, self.rollback
+            if latest != sent and latest > 0:
                 sent = latest
-                yield self.announcement(latest)
+                ann = self.announcement(latest)
+                ann.rollback = rollback
+                yield ann
 
     def FetchArtifact(self, request, context):
         with self._cond:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from runtime.node import NodeConfig, RobotNode
-from tests.doubles import PointMassRobot, export_tiny_artifact
+from tests.doubles import PointMassRobot, export_tiny_artifact, public_key_for_tests
 from tests.runtime.learner_double import LearnerDouble, serve
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +31,8 @@ def test_node_swaps_a_published_version_refuses_a_bad_one_and_loses_nothing(arti
     server, port = serve(learner)
     config = NodeConfig(robot_id="r0", task="reach", artifact=str(artifacts / "v1"),
                         learner=f"127.0.0.1:{port}", spool=str(tmp_path / "spool"),
-                        status=str(tmp_path / "status.json"), seconds=4.0, drain_timeout_s=10)
+                        status=str(tmp_path / "status.json"), seconds=4.0, drain_timeout_s=10,
+                        trusted_keys=(public_key_for_tests(),))
     node = RobotNode(config, robot=PointMassRobot(max_steps=20))
 
     def publish():
@@ -72,7 +73,8 @@ def test_node_refuses_a_policy_that_does_not_fit_the_robot(artifacts, tmp_path):
     robot = PointMassRobot(description=RobotDescription.from_dict(d))
     with pytest.raises(ValueError, match="4 dims.*takes 3"):
         RobotNode(NodeConfig(robot_id="r", task="t", artifact=str(artifacts / "v1"),
-                             spool=str(tmp_path / "s")), robot=robot)
+                             spool=str(tmp_path / "s"), trusted_keys=(public_key_for_tests(),)),
+                  robot=robot)
 
 
 def test_config_is_validated():
@@ -90,6 +92,7 @@ def test_cli_chunk_settings_reach_the_worker(artifacts, tmp_path):
     from runtime.node import parse_args
     config = parse_args(["--robot-id", "r", "--task", "t", "--artifact", str(artifacts / "v1"),
                          "--spool", str(tmp_path / "s"), "--strategy", "ensemble",
+                         "--trusted-key", public_key_for_tests(),
                          "--actions-per-chunk", "3", "--max-obs-age", "0.5"])
     node = RobotNode(config, robot=PointMassRobot())
     try:
@@ -105,7 +108,8 @@ def test_tether_robot_on_metaworld_stops_cleanly_on_sigterm(artifacts, tmp_path)
     status_path = tmp_path / "status.json"
     cmd = [sys.executable, "-m", "tether.cli", "robot", "--robot-id", "mw0", "--task",
            "reach-v3", "--artifact", str(artifacts / "v1"), "--spool", str(tmp_path / "spool"),
-           "--status", str(status_path), "--seconds", "60", "--seed", "3"]
+           "--status", str(status_path), "--seconds", "60", "--seed", "3",
+           "--trusted-key", public_key_for_tests()]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:

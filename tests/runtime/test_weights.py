@@ -4,9 +4,11 @@ import threading
 import pytest
 
 from runtime.artifact import MANIFEST, verify_artifact
+from runtime.signature import Trust
 from runtime.weights import WeightSubscriber
 from tether.wire import tether_pb2 as pb
 
+from tests.doubles import public_key_for_tests, signing_key_for_tests
 from tests.runtime.learner_double import LearnerDouble, serve
 
 NORM = {"state_mean": [0.0] * 4, "state_std": [1.0] * 4,
@@ -18,6 +20,7 @@ def artifacts(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from learner.export import export_artifact
     from learner.model import ReferenceVLA, VLAConfig
+    from learner.signing import sign_artifact
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("published")
     model = ReferenceVLA(VLAConfig())
@@ -25,6 +28,7 @@ def artifacts(tmp_path_factory):
     for v in range(1, 6):
         export_artifact(model, root / f"v{v}", version=v, parent_version=v - 1,
                         normalization=NORM, robot="sawyer_metaworld", control_rate_hz=10.0)
+        sign_artifact(root / f"v{v}", signing_key_for_tests())
         out[v] = root / f"v{v}"
     return out
 
@@ -56,9 +60,10 @@ class Installed:
         return [v for v, _ in self.calls]
 
 
-def _subscriber(addr, tmp_path, installed, current=0):
+def _subscriber(addr, tmp_path, installed, current=0, trust=None, **kw):
+    trust = trust or Trust.load([public_key_for_tests()])
     return WeightSubscriber(addr, "r1", tmp_path / "staging", installed, current_version=current,
-                            backoff_cap_s=0.1).start()
+                            backoff_cap_s=0.1, trust=trust, **kw).start()
 
 
 def test_fetches_verifies_and_hands_over(tmp_path, learner, artifacts):
@@ -227,7 +232,8 @@ def test_both_planes_against_the_real_learner(tmp_path):
     from runtime.stream import ExperienceClient
     from tests.runtime.test_recorder import _chunk, _tick
 
-    store, registry = ExperienceStore(tmp_path / "store.db"), Registry(tmp_path / "registry")
+    store = ExperienceStore(tmp_path / "store.db")
+    registry = Registry(tmp_path / "registry", signing_key=signing_key_for_tests())
     server, port = serve_learner("127.0.0.1:0", store, registry, max_workers=8)
     addr = f"127.0.0.1:{port}"
     spool = Spool(tmp_path / "spool", "r1")
@@ -254,3 +260,178 @@ def test_both_planes_against_the_real_learner(tmp_path):
         server.stop(0)
         store.close()
     assert installed.versions == [1] and sub.refused == 0
+
+
+# -- signatures -------------------------------------------------------------------------------
+def _variant(src, dst, change=None, key=None):
+    """A copy of a published artifact whose manifest is changed and/or (re)signed."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    d = json.loads((dst / MANIFEST).read_text())
+    d["signature"] = None
+    if change:
+        change(d)
+    if key is not None:
+        d["signature"] = key.sign(d)
+    (dst / MANIFEST).write_text(json.dumps(d, indent=2, sort_keys=True))
+    return dst
+
+
+def _wait_refused(sub, n=1):
+    for _ in range(400):
+        if sub.refused >= n:
+            return True
+        sub.wait_for_version(99, 0.025)
+    return False
+
+
+def test_unsigned_is_refused_before_the_big_download(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(2, _variant(artifacts[2], tmp_path / "unsigned"))
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed, current=1)
+    try:
+        assert _wait_refused(sub)
+    finally:
+        sub.stop()
+    assert "unsigned" in sub.last_event and "keeping version 1" in sub.last_event
+    assert [n for _, n, _ in double.fetches] == [MANIFEST] and installed.calls == []
+    assert sub.current_version == 1 and not list((tmp_path / "staging").iterdir())
+
+
+def test_allow_unsigned_accepts_it(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(2, _variant(artifacts[2], tmp_path / "unsigned"))
+    sub = _subscriber(addr, tmp_path, Installed(), current=1, trust=Trust(allow_unsigned=True))
+    try:
+        assert sub.wait_for_version(2, 20.0)
+    finally:
+        sub.stop()
+
+
+@pytest.mark.parametrize("attack", ["unknown key", "re-signed", "tampered manifest"])
+def test_foreign_or_tampered_signatures_are_refused(tmp_path, learner, artifacts, attack):
+    from learner.signing import SigningKey
+    double, addr = learner
+    trusted, attacker = signing_key_for_tests(), SigningKey.generate()
+
+    def bigger_actions(d):
+        d["normalization"]["action_std"] = [5.0] * 4
+    if attack == "unknown key":
+        art = _variant(artifacts[2], tmp_path / "a", key=attacker)
+    elif attack == "re-signed":  # changed, signed by the attacker under the trusted key's id
+        art = _variant(artifacts[2], tmp_path / "a", bigger_actions, key=attacker)
+        import json
+        d = json.loads((art / MANIFEST).read_text())
+        d["signature"]["key_id"] = trusted.key_id
+        (art / MANIFEST).write_text(json.dumps(d))
+    else:  # changed after the learner signed it
+        art = _variant(artifacts[2], tmp_path / "a", key=trusted)
+        import json
+        d = json.loads((art / MANIFEST).read_text())
+        bigger_actions(d)
+        (art / MANIFEST).write_text(json.dumps(d))
+    double.publish(2, art)
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed, current=1)
+    try:
+        assert _wait_refused(sub)
+        double.publish(3, artifacts[3])   # the learner's next good version still installs
+        assert sub.wait_for_version(3, 20.0)
+    finally:
+        sub.stop()
+    expected = "does not trust" if attack == "unknown key" else "does not match the manifest"
+    assert any(expected in e and "refused version 2" in e for e in sub.events), list(sub.events)
+    assert installed.versions == [3] and sub.refused == 1
+    assert ("policy.onnx" not in {n for v, n, _ in double.fetches if v == 2})
+
+
+def test_truncated_file_is_refused(tmp_path, learner, artifacts):
+    double, addr = learner
+    data = (artifacts[2] / "policy.onnx").read_bytes()
+    double.tamper[(2, "policy.onnx")] = data[: len(data) // 3]
+    double.publish(2, artifacts[2])
+    sub = _subscriber(addr, tmp_path, Installed(), current=1)
+    try:
+        assert _wait_refused(sub)
+    finally:
+        sub.stop()
+    assert "truncated" in sub.last_event and sub.current_version == 1
+    assert not list((tmp_path / "staging").iterdir())
+
+
+# -- rollback ---------------------------------------------------------------------------------
+def test_rollback_swaps_back_from_memory_and_never_takes_the_version_again(tmp_path, learner,
+                                                                           artifacts):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    installed = Installed()
+    held = []
+
+    def on_rollback(version, files):  # the node still holds v1 loaded
+        held.append((version, files["policy.onnx"]))
+        return True
+    sub = _subscriber(addr, tmp_path, installed, on_rollback=on_rollback)
+    try:
+        assert sub.wait_for_version(1, 20.0)
+        double.publish(2, artifacts[2])
+        assert sub.wait_for_version(2, 20.0)
+        fetches = len(double.fetches)
+        double.roll_back_to(1)
+        for _ in range(400):
+            if sub.current_version == 1:
+                break
+            sub.wait_for_version(99, 0.025)
+        assert sub.current_version == 1 and sub.rollbacks == 1
+        assert len(double.fetches) == fetches        # nothing fetched to go back
+        double.publish(2, artifacts[2])              # announced again: ignored for good
+        double.publish(3, artifacts[3])
+        assert sub.wait_for_version(3, 20.0)
+    finally:
+        sub.stop()
+    sha1 = verify_artifact(artifacts[1]).files["policy.onnx"]["sha256"]
+    assert held == [(1, sha1)] and installed.versions == [1, 2, 3]
+    assert sub.status()["rolled_back"] == [2] and "rolled back to version 1" in "".join(sub.events)
+
+
+def test_rollback_without_memory_uses_the_staged_copy(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.publish(1, artifacts[1])
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed)
+    try:
+        assert sub.wait_for_version(1, 20.0)
+        double.publish(2, artifacts[2])
+        assert sub.wait_for_version(2, 20.0)
+        fetches = len(double.fetches)
+        double.roll_back_to(1)
+        for _ in range(400):
+            if sub.current_version == 1:
+                break
+            sub.wait_for_version(99, 0.025)
+    finally:
+        sub.stop()
+    assert sub.current_version == 1 and installed.versions == [1, 2, 1]
+    assert installed.calls[-1][1] == tmp_path / "staging" / "v1"
+    assert len(double.fetches) == fetches  # the staged v1 was verified and reused
+
+
+def test_rollback_during_the_canary_fetch_abandons_it(tmp_path, learner, artifacts):
+    double, addr = learner
+    double.chunk_bytes, double.chunk_delay_s = 16 * 1024, 0.02
+    installed = Installed()
+    sub = _subscriber(addr, tmp_path, installed, current=1)
+    try:
+        double.publish(2, artifacts[2])
+        for _ in range(200):
+            if any(n == "policy.onnx" for _, n, _ in double.fetches):
+                break
+            sub.wait_for_version(99, 0.02)
+        double.artifacts[1] = str(artifacts[1])
+        double.roll_back_to(1)
+        assert not sub.wait_for_version(2, 2.0)
+    finally:
+        sub.stop()
+    assert installed.calls == [] and sub.current_version == 1
+    assert 2 in sub.status()["rolled_back"]
