@@ -48,9 +48,10 @@ class TrainerConfig:
     read_limit: int = 512
     max_pending_records: int = 50_000  # incomplete episodes held; oldest dropped beyond this
     ess_scaled_lr: bool = True
-    # the verifier scorer shipped with each version; off by default: a scorer trained on the
-    # first few episodes vetoes most candidates and stalls robots (fleet e2e); opt in with every=1
-    verifier: FleetScorerConfig = FleetScorerConfig(every=0)
+    # the verifier scorer, retrained and shipped with every published version (every=0: never;
+    # robots then run with the verifier's checks only). Safe on by default since the scorer
+    # cannot stall a robot: its veto is capped and a scorer that vetoes too often loses it
+    verifier: FleetScorerConfig = FleetScorerConfig(every=1)
     seed: int = 0
 
     def __post_init__(self):
