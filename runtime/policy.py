@@ -38,16 +38,24 @@ class PolicyRunner:
 
     def __init__(self, artifact_dir: str | os.PathLike, backend: str = "ort", seed: int = 0,
                  temperature: float = 1.0, backend_options: dict | None = None,
-                 window: int = 256, verified: Manifest | None = None):
+                 window: int = 256, verified: Manifest | None = None,
+                 base: "PolicyRunner | None" = None):
         """``verified``: the artifact's manifest, its files' sha256 just checked by the caller
-        (the weight subscriber hashes as it fetches; runtime/signature.py): not hashed again."""
+        (the weight subscriber hashes as it fetches; runtime/signature.py): not hashed again.
+        ``base``: the runner serving now. A backend that can take another version's weights
+        into a copy of its engine (``derive``: TensorRT refit) does so instead of a build."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the mean action), got {temperature}")
         self.artifact_dir = pathlib.Path(artifact_dir)
         self.manifest = verified if verified is not None else verify_artifact(self.artifact_dir)
         m = self.manifest
         self.backend_name = backend
-        self.backend = load_backend(backend, self.artifact_dir, m, **(backend_options or {}))
+        derive = (getattr(base.backend, "derive", None)
+                  if base is not None and base.backend_name == backend else None)
+        derived = derive(self.artifact_dir, m) if derive is not None else None
+        self.derived = derived is not None  # reported in info(): refit rather than build
+        self.backend = derived or load_backend(backend, self.artifact_dir, m,
+                                               **(backend_options or {}))
         self.temperature = float(temperature)
         self._rng = np.random.default_rng(seed)
         norm = m.normalization
@@ -189,4 +197,5 @@ class PolicyRunner:
 
     def info(self) -> dict:
         return {"version": self.version, "weight_sha256": self.weight_sha256,
-                "backend": self.backend.info(), "latency": self.latency_stats()}
+                "backend": self.backend.info(), "derived": self.derived,
+                "latency": self.latency_stats()}

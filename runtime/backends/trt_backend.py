@@ -57,6 +57,7 @@ class TensorRTBackend:
         self._buffers: dict[str, torch.Tensor] = {}
         self._inputs: tuple[str, ...] = ()
         self.key: EngineKey | None = None
+        self._plan_key: EngineKey | None = None  # the cached plan this engine was made from
         self.structure = ""
         self.last_parity = None
         self.built_s = self.refit_s = None
@@ -106,15 +107,18 @@ class TensorRTBackend:
         if data is None:
             data = self._build(onnx_path, key)
             self.cache.store(key, data)
+        self._adopt(data, key, structure_digest(_onnx(onnx_path)))
+        self._verify(artifact_dir, manifest)
+
+    def _adopt(self, data: bytes, key: EngineKey, structure: str) -> None:
+        """Deserialize a plan and make it this backend's engine (contexts, buffers)."""
         engine = trt.Runtime(_LOGGER).deserialize_cuda_engine(data)
         if engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {self.cache.path(key)}; delete it")
-        self._engine, self.key = engine, key
-        self.structure = structure_digest(_onnx(onnx_path))
+        self._engine, self.key, self._plan_key, self.structure = engine, key, key, structure
         self._context = engine.create_execution_context()
         self._allocate(key)
         self._graph = None
-        self._verify(artifact_dir, manifest)
 
     def _allocate(self, key: EngineKey) -> None:
         opt = {name: o for name, _, o, _ in key.shape_profile}
@@ -194,6 +198,31 @@ class TensorRTBackend:
         self.key = self._key(onnx_path, manifest)
         self._verify(artifact_dir, manifest)
         return True
+
+    def derive(self, artifact_dir: str | os.PathLike, manifest) -> "TensorRTBackend | None":
+        """A backend for another version of this policy without a rebuild: a second copy of this
+        engine, deserialized from the engine cache and refitted with the new weights, parity-
+        checked against ONNX Runtime. This engine keeps serving meanwhile and stays intact, so
+        the node can roll back to it. None when refit is impossible (not built refittable,
+        another graph, the cached plan gone): the caller then builds afresh, as the weight
+        subscriber does off the control path. The refitted plan is cached under the new
+        version's key, so a restart on that version loads it without a build."""
+        onnx_path = pathlib.Path(artifact_dir) / "policy.onnx"
+        structure = structure_digest(_onnx(onnx_path))
+        if swap_plan(self.refittable, self.structure, structure) != "refit" or self._plan_key is None:
+            return None
+        data = self.cache.load(self._plan_key)
+        if data is None:
+            return None
+        twin = TensorRTBackend(self.precision, str(self.cache.dir), self.cache.keep, self.refittable,
+                               self.cuda_graph, self.max_batch, self.workspace >> 20,
+                               self.device.index or 0)
+        twin._adopt(data, self._plan_key, self.structure)
+        if not twin.refit(artifact_dir, manifest):
+            return None
+        twin._plan_key = twin.key
+        self.cache.store(twin.key, bytes(memoryview(twin._engine.serialize())))
+        return twin
 
     def rebuild_async(self, artifact_dir, manifest, done) -> threading.Thread:
         """Build a fresh backend for ``artifact_dir`` off the control path; ``done(backend or

@@ -107,3 +107,54 @@ def test_ort_never_falls_back_silently(artifact, runner):
         load_backend("ort", artifact, runner.manifest, **opts)
     b = load_backend("ort", artifact, runner.manifest, allow_fallback=True, **opts)
     assert b.info()["fallback"] is True and b.info()["providers"] == ["CPUExecutionProvider"]
+
+
+class _RefitOrt:
+    """An ONNX Runtime backend with the ``derive`` hook a TensorRT engine has (refit into a copy
+    of the running engine): the dispatch in PolicyRunner is what is under test here; the
+    TensorRT refit itself needs a GPU (tests/runtime/test_engine_cache.py, marked)."""
+
+    refittable = True
+
+    def __init__(self, **options):
+        from runtime.backends.ort_backend import OrtBackend
+        self._ort = OrtBackend(**options)
+        self.derived_from = None
+
+    def load(self, artifact_dir, manifest):
+        self._ort.load(artifact_dir, manifest)
+
+    def infer(self, feeds):
+        return self._ort.infer(feeds)
+
+    def info(self):
+        return dict(self._ort.info(), name="refit-ort")
+
+    def derive(self, artifact_dir, manifest):
+        if not self.refittable:
+            return None
+        twin = _RefitOrt()
+        twin.load(artifact_dir, manifest)
+        twin.derived_from = self
+        return twin
+
+
+def test_a_new_version_derives_its_backend_from_the_serving_one_when_it_can(artifact, tmp_path,
+                                                                            monkeypatch):
+    from runtime import backends
+    monkeypatch.setitem(backends.BACKENDS, "refit-ort", f"{__name__}:_RefitOrt")
+    v2 = tmp_path / "v2"
+    export_tiny_artifact(v2, version=2)
+    serving = PolicyRunner(artifact, backend="refit-ort")
+    assert not serving.derived
+    new = PolicyRunner(v2, backend="refit-ort", base=serving)
+    assert new.derived and new.backend.derived_from is serving.backend
+    assert new.info()["derived"] and new.version == 2
+    assert new.backend is not serving.backend  # the serving engine stays intact for rollback
+    serving.backend.refittable = False  # refit impossible: a fresh build instead
+    rebuilt = PolicyRunner(v2, backend="refit-ort", base=serving)
+    assert not rebuilt.derived and rebuilt.backend.derived_from is None
+    other = PolicyRunner(v2, backend="ort", base=serving)  # another backend: never derived
+    assert not other.derived
+    x = obs()
+    np.testing.assert_allclose(new.infer(x).mean, other.infer(x).mean, rtol=1e-5, atol=1e-6)
