@@ -117,8 +117,11 @@ class RolloutController:
     on every change), decisions are made by ``evaluate`` (the ``start`` thread)."""
 
     def __init__(self, registry, store=None, config: CanaryConfig = CanaryConfig(), *,
-                 clock=time.monotonic):
+                 clock=time.monotonic, on_rollback=None):
+        """``on_rollback(stable)``: called (on the deciding thread, outside the lock) after a
+        rollback, so the trainer can go back to the stable version's weights."""
         self.registry, self.store, self.config = registry, store, config
+        self.on_rollback = on_rollback
         self._clock = clock
         self._lock = threading.RLock()
         self._subscribed: collections.Counter[str] = collections.Counter()
@@ -260,7 +263,12 @@ class RolloutController:
                      "stable_metrics": base.summary(), "reason": reason or "",
                      "seconds": round(now - canary.started, 2), "time": time.time()}
             if reason:
-                self.rolled_back.add(canary.version)
+                # versions published while this canary was out were trained on from its weights:
+                # they inherit its fault, so they are never announced either
+                latest = self.registry.latest()
+                heirs = [v for v in range(canary.version + 1, latest + 1) if v not in self.rolled_back]
+                entry["descendants_rolled_back"] = heirs
+                self.rolled_back.update([canary.version, *heirs])
             else:
                 self.stable = canary.version
             self.canary = None
@@ -270,7 +278,10 @@ class RolloutController:
                     entry["version"], verdict,
                     f": {reason}" if reason else f" after {new.episodes} canary episodes")
             self._refresh()  # the next canary, if a newer version waits
+            stable = self.stable
         self._changed()
+        if reason and self.on_rollback is not None:
+            self.on_rollback(stable)
         return verdict
 
     # -- measurements ------------------------------------------------------------------------

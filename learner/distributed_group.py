@@ -298,6 +298,11 @@ class DistributedTrainer(Trainer):
                        records_dropped_before_sharing=len(records) - len(ordered))
         return metrics
 
+    def _reverted(self) -> None:
+        if self._joined:  # the other ranks rebuild and take rank 0's reverted state
+            self.group.command(BUILD, self.version)
+            self.group.broadcast_state()
+
     def stop(self, timeout: float = 30.0) -> None:
         super().stop(timeout)
         if self._joined and self.error is None and not (self._thread and self._thread.is_alive()):

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
             distributed.stop_local(ranks, timeout=0)
             print(f"tether learner: {e} (or run with --no-train)", file=sys.stderr)
             return 2
-    rollout = RolloutController(registry, store, canary).start()
+    rollout = RolloutController(registry, store, canary,
+                                on_rollback=trainer.revert_to if trainer else None).start()
     server, port = serve(args.addr, store, registry, trainer, rollout=rollout, tls=tls)
     addr = f"{args.addr.rsplit(':', 1)[0]}:{port}"
     stop = threading.Event()

@@ -108,11 +108,13 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self.train_steps = 0
         self.versions_published = 0
+        self.reverts = 0
         self.last_metrics: dict = {}
         self.error: BaseException | None = None
         self._scorer = None  # the last trained verifier scorer (learner.verifier_train)
         # called with the model between backward() and the optimizer step (learner.distributed)
         self.after_backward = None
+        self._revert: int | None = None  # a version to go back to (a canary was rolled back)
         if ckpt.get("trainer"):
             self._resume(ckpt["trainer"])
         else:
@@ -159,10 +161,42 @@ class Trainer:
             self.error = e
             log.exception("trainer stopped")
 
+    def revert_to(self, version: int) -> None:
+        """A canary was rolled back (learner.canary, any thread): the next update starts again
+        from ``version``'s weights and optimizer state. Versions stay monotonic: the next
+        publish is a new number. Data the rolled back versions collected stays usable (its
+        behaviour log-probabilities and proximal snapshots are per version)."""
+        self._revert = version
+
+    def _apply_revert(self) -> bool:
+        version, self._revert = self._revert, None
+        if version is None:
+            return False
+        ckpt = self.registry.load_checkpoint(version)
+        if ckpt is None:
+            log.warning("cannot go back to version %d: it has no checkpoint; training on", version)
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer"):
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:
+                log.warning("version %d's optimizer state does not fit (%s); keeping Adam's", version, e)
+        self.proximal.reset_ewma(self.model)
+        self.reverts += 1
+        log.warning("trainer: back to version %d's weights (the versions after it were rolled "
+                    "back); the next version builds on them", version)
+        self._reverted()
+        return True
+
+    def _reverted(self) -> None:
+        """Hook for the data-parallel trainer: bring the other ranks to the reverted state."""
+
     def step(self, now: float | None = None) -> bool:
         """Poll the store once, train on newly completed episodes, publish if due.
 
         Returns whether anything was done (the loop sleeps otherwise)."""
+        self._apply_revert()
         got = self.poll()
         now = time.monotonic() if now is None else now
         if self.config.staleness == 0:
@@ -231,6 +265,9 @@ class Trainer:
         return self.publish(now) if self._publish_due(now) else None
 
     def publish(self, now: float | None = None):
+        if self._apply_revert():  # trained on a rolled back lineage: that update is dropped
+            self._sync_since = None
+            return None
         self._new_since_publish = 0  # as the checkpoint must say: a resumed trainer starts afresh
         manifest = self.registry.publish(self.model, optimizer_state=self.optimizer.state_dict(),
                                          verifier=self._train_verifier(),

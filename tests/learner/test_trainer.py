@@ -160,3 +160,33 @@ def test_server_process_serves_trains_and_exits_cleanly(tmp_path, pretrained):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_rolled_back_canary_sends_the_trainer_back_to_the_stable_weights(setup):
+    from learner.canary import CanaryConfig, RolloutController
+    from learner.verifier_fleet_train import FleetScorerConfig
+    from tests.learner.test_canary import _records
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(epochs=1, minibatch=64,
+                                                     verifier=FleetScorerConfig(every=0)))
+    stable = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rollout = RolloutController(registry, None, CanaryConfig(fraction=0.5, episodes=2),
+                                on_rollback=trainer.revert_to)
+    for robot in ("a", "b"):
+        rollout.join(robot)
+    good, bad = episodes(session, manifest)
+    trainer.train_on(good + bad)
+    assert trainer.publish().version == 2
+    assert {rollout.assignment(r).version for r in "ab"} == {1, 2}  # v2 is the canary
+    trainer.train_on(good + bad)
+    assert trainer.publish().version == 3  # trained on from v2's weights while v2 is out
+    rollout.observe(_records("x", 1, [True] * 6))
+    rollout.observe(_records("y", 2, [False, False], start=10))
+    assert rollout.evaluate() == "rolled back"
+    assert rollout.rolled_back == {2, 3} and rollout.decisions[-1]["descendants_rolled_back"] == [3]
+    assert {rollout.assignment(r).version for r in "ab"} == {1}  # v3 is never announced
+    # the next publish drops the update made on the rolled back lineage and reverts instead
+    assert trainer.publish() is None and trainer.reverts == 1
+    assert all(torch.equal(stable[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.publish().version == 4  # versions stay monotonic
+    assert {rollout.assignment(r).version for r in "ab"} == {1, 4}  # v4 goes out as a canary
