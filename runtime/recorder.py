@@ -175,7 +175,10 @@ class Recorder:
             success=bool(last.success),
             verifier=pb.VerifierInfo(candidates=int(v.candidates), chosen=int(v.chosen),
                                      rejected=int(v.rejected), actions_clamped=span.clamped,
-                                     scores=[float(s) for s in v.scores], seconds=float(v.seconds)),
+                                     scores=[float(s) for s in v.scores], seconds=float(v.seconds),
+                                     rounds=int(v.rounds),
+                                     advantages=[float(a) for a in v.advantages],
+                                     veto_overridden=bool(v.override), reason=str(v.reason)[:256]),
             start_tick=int(span.start_tick), underrun_ticks=span.underrun)
 
     def _flush(self) -> None:

@@ -24,7 +24,8 @@ def _chunk(chunk_id, start_tick, rng, epoch=0):
                  log_std=np.full((H, A), -0.5, np.float32),
                  prefix=np.zeros((H, A), np.float32), prefix_len=2,
                  verdict=VerifierVerdict(candidates=4, chosen=2, rejected=1,
-                                         scores=(0.9, 0.2, 0.8, 0.1), seconds=0.01))
+                                         scores=(0.9, 0.2, 0.8, 0.1), seconds=0.01, rounds=2,
+                                         advantages=(0.5, -1.0, 0.25, 0.0)))
 
 
 def _tick(tick, chunk, offset, rng, reward=1.0, clamped=False, **done):
@@ -69,6 +70,8 @@ def test_spans_become_records_with_exact_log_prob(tmp_path):
     assert r1.verifier.actions_clamped == 1 and r2.verifier.actions_clamped == 0
     assert r1.verifier.candidates == 4 and r1.verifier.chosen == 2
     assert list(r1.verifier.scores) == pytest.approx([0.9, 0.2, 0.8, 0.1])
+    assert r1.verifier.rounds == 2 and not r1.verifier.veto_overridden
+    assert list(r1.verifier.advantages) == pytest.approx([0.5, -1.0, 0.25, 0.0])
     assert (r1.policy_version, r1.weight_sha256, r1.task) == (7, "ab" * 32, "reach-v3")
     obs = r2.observation
     assert obs.instruction == "reach 2" and obs.timestamp == pytest.approx(0.2)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctether.proto\x12\ttether.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcd\x01\n\x0bObservation\x12\x32\n\x06images\x18\x01 \x03(\x0b\x32\".tether.v1.Observation.ImagesEntry\x12 \n\x05state\x18\x02 \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\x1a@\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.tether.v1.Tensor:\x02\x38\x01\"~\n\x0cVerifierInfo\x12\x12\n\ncandidates\x18\x01 \x01(\r\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63tions_clamped\x18\x04 \x01(\r\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x0f\n\x07seconds\x18\x06 \x01(\x02\"\xed\x03\n\x0b\x43hunkRecord\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x15\n\rweight_sha256\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12+\n\x0bobservation\x18\x07 \x01(\x0b\x32\x16.tether.v1.Observation\x12!\n\x06prefix\x18\x08 \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x12\n\nprefix_len\x18\t \x01(\x05\x12\"\n\x07\x61\x63tions\x18\n \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x0f\n\x07offsets\x18\x0b \x03(\x05\x12\x1a\n\x12\x62\x65haviour_log_prob\x18\x0c \x01(\x01\x12\x0e\n\x06reward\x18\r \x01(\x02\x12\x12\n\nterminated\x18\x0e \x01(\x08\x12\x11\n\ttruncated\x18\x0f \x01(\x08\x12\x0f\n\x07success\x18\x10 \x01(\x08\x12\x1a\n\x12human_intervention\x18\x11 \x01(\x08\x12)\n\x08verifier\x18\x12 \x01(\x0b\x32\x17.tether.v1.VerifierInfo\x12\x12\n\nstart_tick\x18\x13 \x01(\x03\x12\x16\n\x0eunderrun_ticks\x18\x14 \x01(\r\"_\n\x0f\x45xperienceBatch\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\'\n\x07records\x18\x03 \x03(\x0b\x32\x16.tether.v1.ChunkRecord\"N\n\x03\x41\x63k\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\"=\n\x10SubscribeRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\"6\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\x99\x01\n\x13VersionAnnouncement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\"\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x13.tether.v1.FileInfo\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x10\n\x08rollback\x18\x05 \x01(\x08\x12\r\n\x05stage\x18\x06 \x01(\t\"=\n\x0c\x46\x65tchRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\";\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x0e\n\x0cStatsRequest\"T\n\nRobotStats\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\x04\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\x11\n\tsuccesses\x18\x04 \x01(\x04\"\xb2\x01\n\x0cLearnerStats\x12\x16\n\x0erecords_stored\x18\x01 \x01(\x04\x12\x1a\n\x12\x64uplicates_dropped\x18\x02 \x01(\x04\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\x12\x1a\n\x12versions_published\x18\x04 \x01(\x04\x12\x13\n\x0btrain_steps\x18\x05 \x01(\x04\x12%\n\x06robots\x18\x06 \x03(\x0b\x32\x15.tether.v1.RobotStats2\xdb\x02\n\x07Learner\x12<\n\x0ePushExperience\x12\x1a.tether.v1.ExperienceBatch\x1a\x0e.tether.v1.Ack\x12\x42\n\x10StreamExperience\x12\x1a.tether.v1.ExperienceBatch\x1a\x0e.tether.v1.Ack(\x01\x30\x01\x12J\n\tSubscribe\x12\x1b.tether.v1.SubscribeRequest\x1a\x1e.tether.v1.VersionAnnouncement0\x01\x12\x44\n\rFetchArtifact\x12\x17.tether.v1.FetchRequest\x1a\x18.tether.v1.ArtifactChunk0\x01\x12<\n\x08GetStats\x12\x17.tether.v1.StatsRequest\x1a\x17.tether.v1.LearnerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctether.proto\x12\ttether.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xcd\x01\n\x0bObservation\x12\x32\n\x06images\x18\x01 \x03(\x0b\x32\".tether.v1.Observation.ImagesEntry\x12 \n\x05state\x18\x02 \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\x1a@\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.tether.v1.Tensor:\x02\x38\x01\"\xcb\x01\n\x0cVerifierInfo\x12\x12\n\ncandidates\x18\x01 \x01(\r\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63tions_clamped\x18\x04 \x01(\r\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x0f\n\x07seconds\x18\x06 \x01(\x02\x12\x0e\n\x06rounds\x18\x07 \x01(\r\x12\x12\n\nadvantages\x18\x08 \x03(\x02\x12\x17\n\x0fveto_overridden\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t\"\xed\x03\n\x0b\x43hunkRecord\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x15\n\rweight_sha256\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12+\n\x0bobservation\x18\x07 \x01(\x0b\x32\x16.tether.v1.Observation\x12!\n\x06prefix\x18\x08 \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x12\n\nprefix_len\x18\t \x01(\x05\x12\"\n\x07\x61\x63tions\x18\n \x01(\x0b\x32\x11.tether.v1.Tensor\x12\x0f\n\x07offsets\x18\x0b \x03(\x05\x12\x1a\n\x12\x62\x65haviour_log_prob\x18\x0c \x01(\x01\x12\x0e\n\x06reward\x18\r \x01(\x02\x12\x12\n\nterminated\x18\x0e \x01(\x08\x12\x11\n\ttruncated\x18\x0f \x01(\x08\x12\x0f\n\x07success\x18\x10 \x01(\x08\x12\x1a\n\x12human_intervention\x18\x11 \x01(\x08\x12)\n\x08verifier\x18\x12 \x01(\x0b\x32\x17.tether.v1.VerifierInfo\x12\x12\n\nstart_tick\x18\x13 \x01(\x03\x12\x16\n\x0eunderrun_ticks\x18\x14 \x01(\r\"_\n\x0f\x45xperienceBatch\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\'\n\x07records\x18\x03 \x03(\x0b\x32\x16.tether.v1.ChunkRecord\"N\n\x03\x41\x63k\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x11\n\tbatch_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\"=\n\x10SubscribeRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x03\"6\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\x99\x01\n\x13VersionAnnouncement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\"\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x13.tether.v1.FileInfo\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x10\n\x08rollback\x18\x05 \x01(\x08\x12\r\n\x05stage\x18\x06 \x01(\t\"=\n\x0c\x46\x65tchRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\";\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"\x0e\n\x0cStatsRequest\"T\n\nRobotStats\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\x04\x12\x10\n\x08\x65pisodes\x18\x03 \x01(\x04\x12\x11\n\tsuccesses\x18\x04 \x01(\x04\"\xb2\x01\n\x0cLearnerStats\x12\x16\n\x0erecords_stored\x18\x01 \x01(\x04\x12\x1a\n\x12\x64uplicates_dropped\x18\x02 \x01(\x04\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\x12\x1a\n\x12versions_published\x18\x04 \x01(\x04\x12\x13\n\x0btrain_steps\x18\x05 \x01(\x04\x12%\n\x06robots\x18\x06 \x03(\x0b\x32\x15.tether.v1.RobotStats2\xdb\x02\n\x07Learner\x12<\n\x0ePushExperience\x12\x1a.tether.v1.ExperienceBatch\x1a\x0e.tether.v1.Ack\x12\x42\n\x10StreamExperience\x12\x1a.tether.v1.ExperienceBatch\x1a\x0e.tether.v1.Ack(\x01\x30\x01\x12J\n\tSubscribe\x12\x1b.tether.v1.SubscribeRequest\x1a\x1e.tether.v1.VersionAnnouncement0\x01\x12\x44\n\rFetchArtifact\x12\x17.tether.v1.FetchRequest\x1a\x18.tether.v1.ArtifactChunk0\x01\x12<\n\x08GetStats\x12\x17.tether.v1.StatsRequest\x1a\x17.tether.v1.LearnerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,30 +39,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OBSERVATION']._serialized_end=287
   _globals['_OBSERVATION_IMAGESENTRY']._serialized_start=223
   _globals['_OBSERVATION_IMAGESENTRY']._serialized_end=287
-  _globals['_VERIFIERINFO']._serialized_start=289
-  _globals['_VERIFIERINFO']._serialized_end=415
-  _globals['_CHUNKRECORD']._serialized_start=418
-  _globals['_CHUNKRECORD']._serialized_end=911
-  _globals['_EXPERIENCEBATCH']._serialized_start=913
-  _globals['_EXPERIENCEBATCH']._serialized_end=1008
-  _globals['_ACK']._serialized_start=1010
-  _globals['_ACK']._serialized_end=1088
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1090
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1151
-  _globals['_FILEINFO']._serialized_start=1153
-  _globals['_FILEINFO']._serialized_end=1207
-  _globals['_VERSIONANNOUNCEMENT']._serialized_start=1210
-  _globals['_VERSIONANNOUNCEMENT']._serialized_end=1363
-  _globals['_FETCHREQUEST']._serialized_start=1365
-  _globals['_FETCHREQUEST']._serialized_end=1426
-  _globals['_ARTIFACTCHUNK']._serialized_start=1428
-  _globals['_ARTIFACTCHUNK']._serialized_end=1487
-  _globals['_STATSREQUEST']._serialized_start=1489
-  _globals['_STATSREQUEST']._serialized_end=1503
-  _globals['_ROBOTSTATS']._serialized_start=1505
-  _globals['_ROBOTSTATS']._serialized_end=1589
-  _globals['_LEARNERSTATS']._serialized_start=1592
-  _globals['_LEARNERSTATS']._serialized_end=1770
-  _globals['_LEARNER']._serialized_start=1773
-  _globals['_LEARNER']._serialized_end=2120
+  _globals['_VERIFIERINFO']._serialized_start=290
+  _globals['_VERIFIERINFO']._serialized_end=493
+  _globals['_CHUNKRECORD']._serialized_start=496
+  _globals['_CHUNKRECORD']._serialized_end=989
+  _globals['_EXPERIENCEBATCH']._serialized_start=991
+  _globals['_EXPERIENCEBATCH']._serialized_end=1086
+  _globals['_ACK']._serialized_start=1088
+  _globals['_ACK']._serialized_end=1166
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1168
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1229
+  _globals['_FILEINFO']._serialized_start=1231
+  _globals['_FILEINFO']._serialized_end=1285
+  _globals['_VERSIONANNOUNCEMENT']._serialized_start=1288
+  _globals['_VERSIONANNOUNCEMENT']._serialized_end=1441
+  _globals['_FETCHREQUEST']._serialized_start=1443
+  _globals['_FETCHREQUEST']._serialized_end=1504
+  _globals['_ARTIFACTCHUNK']._serialized_start=1506
+  _globals['_ARTIFACTCHUNK']._serialized_end=1565
+  _globals['_STATSREQUEST']._serialized_start=1567
+  _globals['_STATSREQUEST']._serialized_end=1581
+  _globals['_ROBOTSTATS']._serialized_start=1583
+  _globals['_ROBOTSTATS']._serialized_end=1667
+  _globals['_LEARNERSTATS']._serialized_start=1670
+  _globals['_LEARNERSTATS']._serialized_end=1848
+  _globals['_LEARNER']._serialized_start=1851
+  _globals['_LEARNER']._serialized_end=2198
 # @@protoc_insertion_point(module_scope)
