@@ -102,6 +102,7 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._request: tuple | None = None
         self._in_flight = False
+        self._in_flight_epoch = 0  # the epoch of the request in flight
         self._ready: list[tuple[float, Chunk]] = []   # virtual mode: (ready_time, chunk)
         self._staged: ChunkPolicy | None = None
         self._stop = threading.Event()
@@ -170,14 +171,18 @@ class InferenceWorker:
             self.stale_observations += 1  # never infer from an old picture of the world
             return False
         with self._cond:
-            if self._in_flight or self.queue.remaining(tick) > self.threshold():
+            # a request of an ended episode still in flight does not hold up the new episode's
+            # first chunk: the worker takes this one right after it (else a stall tick follows
+            # every reset that lands during an inference)
+            busy = self._in_flight and self._in_flight_epoch == self.epoch
+            if busy or self.queue.remaining(tick) > self.threshold():
                 return False
             if self.sync:
                 self.queue.drop_from(tick)  # the robot stops and waits for the new chunk
             d = 0 if self.sync else self.delay_ticks()
             committed = self.queue.committed(tick, d)
             self._request = (observation, int(tick), committed, self.epoch, self.clock.now())
-            self._in_flight = True
+            self._in_flight, self._in_flight_epoch = True, self.epoch
             if self.threaded:
                 self._cond.notify_all()
                 return True
@@ -256,7 +261,7 @@ class InferenceWorker:
             chunk = None
         if chunk is None:
             with self._cond:
-                self._in_flight = False
+                self._done(epoch)
             return
         if self.threaded:
             self._finish(chunk, self.clock.now() - t_request)
@@ -317,12 +322,17 @@ class InferenceWorker:
                      latency_s=float(getattr(out, "latency_s", 0.0)) + verdict.seconds,
                      verdict=verdict)
 
+    def _done(self, epoch: int) -> None:
+        """A request of ``epoch`` ended (holding ``_cond``); one of a newer epoch may be in flight."""
+        if epoch == self._in_flight_epoch:
+            self._in_flight = False
+
     def _finish(self, chunk: Chunk, latency_s: float) -> None:
         strategy = self.strategy
         if self.sync:  # the robot waited: the chunk runs from its first row on arrival
             chunk, strategy = dataclasses.replace(chunk, start_tick=self.queue.next_tick), "latest"
         with self._cond:
-            self._in_flight = False
+            self._done(chunk.epoch)
             self.consecutive_errors = 0
             if chunk.epoch != self.epoch or not self.queue.insert(chunk, strategy=strategy):
                 self.chunks_dropped += 1

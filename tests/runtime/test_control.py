@@ -134,3 +134,27 @@ def test_config_errors_are_clear():
         ControlLoop(robot, worker.queue, loop.envelope, VirtualClock(), 0)
     with pytest.raises(ValueError, match="chunks"):
         worker.stage(FakePolicy(horizon=4, action_dim=4))
+
+
+def test_a_reset_during_an_inference_does_not_delay_the_new_episodes_first_chunk():
+    import time as _time
+    from robots.base import Observation
+    policy = FakePolicy(horizon=8, action_dim=4, value=0.3, sleep_s=0.15)
+    queue = ActionQueue(4)
+    worker = InferenceWorker(policy, queue, WallClock(), rate_hz=50.0, threaded=True).start()
+    obs = Observation(images={}, state=np.zeros(4, np.float32), instruction="", timestamp=_time.time())
+    try:
+        assert worker.maybe_request(0, obs)          # episode 1's chunk is being inferred ...
+        _time.sleep(0.05)
+        queue.reset(1)
+        worker.reset(1)                              # ... when the episode ends
+        t0 = _time.monotonic()
+        assert worker.maybe_request(10, obs)         # the new episode asks at once, not later
+        assert not worker.maybe_request(11, obs)     # and only once
+        while queue.remaining(12) == 0 and _time.monotonic() - t0 < 2.0:
+            _time.sleep(0.005)
+        # the stale chunk (0.1 s left) then the new one (0.15 s): no later request was needed
+        assert queue.remaining(12) > 0 and policy.calls == 2
+        assert worker.chunks_dropped == 1
+    finally:
+        worker.stop()
