@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: demo test test-slow venv proto clean
+.PHONY: demo test test-slow faults venv proto clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The fault-injection suite at its full sizes (tests/faults/report.py), then faults.json and the
+# README table from the rows the tests wrote. Plain `make test` runs it at the CI sizes.
+faults: $(STAMP)
+	rm -f runs/faults/rows.jsonl
+	TETHER_FAULTS=full $(BIN)/python -m pytest -q tests/faults
+	$(BIN)/python -m tests.faults.collect --out faults.json
 
 # Regenerate the checked-in wire code from the single schema.
 proto: $(STAMP)

@@ -14,6 +14,7 @@ from learner.auth import FleetAuth, ServerTls
 from learner.canary import CanaryConfig, RolloutController
 from learner.registry import Registry
 from learner.store import ExperienceStore
+from learner.wire_guard import WireGuard
 from runtime.artifact import MANIFEST, load_manifest
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
@@ -199,7 +200,9 @@ def serve(addr: str, store: ExperienceStore, registry: Registry, trainer=None, *
     credentials = tls.credentials() if tls is not None else None  # bad files fail before binding
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=() if tls is None else (FleetAuth(),),
+        # WireGuard first (outermost): unparsable bytes get INVALID_ARGUMENT, not INTERNAL,
+        # before the auth rules or the service touch them (learner/wire_guard.py)
+        interceptors=(WireGuard(),) + (() if tls is None else (FleetAuth(),)),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     if stream_window < 1:

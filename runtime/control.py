@@ -11,6 +11,12 @@ the loop cleanly.
 (why) means "not yet". The loop then keeps its tick schedule without resetting the robot (the
 ended episode accepts no commands; the robot rests where it stopped), counts
 ``gate_wait_ticks``, logs once per wait, and starts the episode on the first tick the gate opens.
+
+``observation_check`` (the node's: runtime/observation_check.py): called on every observation; a
+string (why) means it is unusable (NaN state, wrong image size, stale, a camera missing). That
+tick holds (the same tick: a bad observation never drives a command), the queued actions are
+dropped (they were planned from data now in doubt) and no inference is asked for; the loop keeps
+its schedule, counts ``observation_holds`` by reason, and commands again on the first good one.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ class ControlLoop:
                  on_episode_start: Callable[[int], None] | None = None,
                  on_episode_end: Callable[[int, bool], None] | None = None,
                  episode_gate: Callable[[], str | None] | None = None,
+                 observation_check: Callable[[Observation], str | None] | None = None,
+                 on_hold: Callable[[str | None], None] | None = None,
                  error_budget: int = 10, max_catchup_ticks: int = 2):
         if rate_hz <= 0:
             raise ValueError(f"rate_hz must be > 0, got {rate_hz}")
@@ -53,6 +61,10 @@ class ControlLoop:
         self.to_command, self.from_command = to_command, from_command
         self.on_episode_start, self.on_episode_end = on_episode_start, on_episode_end
         self.episode_gate = episode_gate
+        self.observation_check = observation_check
+        self.on_hold = on_hold  # told each time a hold for bad observations begins (why) and ends
+        self.hold_reason: str | None = None  # why the robot holds now for its observations
+        self.observation_holds: dict[str, int] = {}  # held ticks per kind of reason
         self.error_budget = int(error_budget)
         self.max_catchup_ticks = int(max_catchup_ticks)
         self.description = robot.describe()
@@ -88,7 +100,8 @@ class ControlLoop:
         self._last_cmd = None
         if self.on_episode_start is not None:
             self.on_episode_start(self.epoch)
-        if self.worker is not None:
+        usable = self.observation_check is None or self.observation_check(self._obs) is None
+        if self.worker is not None and usable:  # a bad one: the first step() holds and says why
             # ask for the first chunk now, so it is ready by the next tick instead of holding
             self.worker.maybe_request(self._tick, self._obs)
 
@@ -175,11 +188,15 @@ class ControlLoop:
         except Exception as e:
             self._robot_error("observe", e)
             obs = None
+        refused = False
+        if obs is not None and self.observation_check is not None:
+            obs = self._checked(tick, obs)
+            refused = obs is None
         if obs is not None and self.worker is not None:
             self.worker.maybe_request(tick, obs)
         slot = self.queue.pop(tick)
         if slot is None or obs is None:
-            self.stall_ticks += int(slot is None)
+            self.stall_ticks += int(slot is None and not refused)  # a hold is not an underrun
             chunk, offset = None, 0
             command = self.description.hold_action(self._last_cmd)
         else:
@@ -208,6 +225,31 @@ class ControlLoop:
             self._next_episode()
         return record
 
+    def _checked(self, tick: int, obs: Observation) -> Observation | None:
+        """``obs``, or None (hold this tick) when the observation check refuses it."""
+        try:
+            reason = self.observation_check(obs)
+        except Exception as e:  # a broken check must not move the robot on unchecked data
+            reason = f"observation check failed: {type(e).__name__}: {e}"
+        if reason is None:
+            if self.hold_reason is not None:
+                log.info("control: observations usable again after holding (%s)", self.hold_reason)
+                self.hold_reason = None
+                if self.on_hold is not None:
+                    self.on_hold(None)
+            return obs
+        kind = reason.split(":")[0]
+        self.observation_holds[kind] = self.observation_holds.get(kind, 0) + 1
+        # planned from data now in doubt (or landing from an inference started before): drop,
+        # so that the robot resumes on a chunk inferred from good data
+        self.queue.drop_from(tick)
+        if self.hold_reason is None or self.hold_reason.split(":")[0] != kind:
+            log.warning("control: holding at tick %d: %s", tick, reason)
+            if self.on_hold is not None:
+                self.on_hold(reason)
+        self.hold_reason = reason
+        return None
+
     def _robot_error(self, where: str, e: Exception) -> None:
         self.robot_errors += 1
         self._consecutive_errors += 1
@@ -226,6 +268,8 @@ class ControlLoop:
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
                 "stall_ticks": self.stall_ticks, "gate_wait_ticks": self.gate_wait_ticks,
+                "hold_reason": self.hold_reason,
+                "observation_holds": dict(self.observation_holds),
                 "robot_errors": self.robot_errors,
                 "jitter_p50_ms": round(1e3 * self.jitter.quantile(0.5), 3),
                 "jitter_p99_ms": round(1e3 * self.jitter.quantile(0.99), 3),

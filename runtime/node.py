@@ -25,6 +25,7 @@ from runtime.chunks import STRATEGIES, ActionQueue
 from runtime.clock import WallClock
 from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
+from runtime.observation_check import ObservationCheck
 from runtime.policy import PolicyRunner
 from runtime.recorder import Recorder
 from runtime.signature import SignatureError, Trust, verify_trusted
@@ -65,6 +66,9 @@ class NodeConfig:
     strategy: str | None = None        # merge strategy; None: prefix if the policy accepts one
     actions_per_chunk: int | None = None   # s; None: H - d - margin (held to d <= s <= H - d)
     max_obs_age_s: float | None = None     # stale-observation guard; None: off
+    # a version whose warm-up inference (median) is slower than this is refused; None: the
+    # delay the action queue can cover, (H // 2) ticks at the control rate
+    latency_budget_s: float | None = None
     # signed weights (runtime/signature.py): public keys of the learner(s) this robot accepts
     # artifacts from; the initial artifact is held to the same rule as fetched ones
     trusted_keys: tuple[str, ...] = ()
@@ -85,6 +89,9 @@ class NodeConfig:
                                  f"choose one of {sorted(STRATEGIES)}")
         if self.actions_per_chunk is not None and self.actions_per_chunk < 1:
             raise ValueError(f"NodeConfig actions_per_chunk must be >= 1, got {self.actions_per_chunk}")
+        if self.latency_budget_s is not None and self.latency_budget_s <= 0:
+            raise ValueError(f"NodeConfig latency_budget_s must be > 0 (None: derived from the "
+                             f"horizon and rate), got {self.latency_budget_s}")
         if self.max_obs_age_s is not None and self.max_obs_age_s <= 0:
             raise ValueError(f"NodeConfig max_obs_age_s must be > 0, got {self.max_obs_age_s}")
         if not self.robot_id or not self.task:
@@ -150,7 +157,9 @@ class RobotNode:
                                 from_command=self.worker.from_command,
                                 on_episode_start=self._on_episode_start,
                                 on_episode_end=self._on_episode_end,
-                                episode_gate=self._episode_gate)
+                                episode_gate=self._episode_gate,
+                                observation_check=self._check_observation,
+                                on_hold=self._on_hold)
         self.client = self.subscriber = None
         if c.learner:
             from runtime.stream import ExperienceClient
@@ -168,6 +177,7 @@ class RobotNode:
         self.swap_stall_ticks = 0
         self.events: collections.deque[str] = collections.deque(maxlen=32)
         self._episode_chunks: dict[int, set[int]] = collections.defaultdict(set)
+        self._obs_check: tuple[object, ObservationCheck] | None = None  # (policy, its check)
         self._done = False
         self._stop = threading.Event()
         self._lock = threading.Lock()  # episode tallies: control thread writes, status reads
@@ -191,15 +201,30 @@ class RobotNode:
         # would replay this robot's exploration noise version after version (correlated RL data)
         seed = (c.seed * 1_000_003 + zlib.crc32(path.name.encode())) % 2**32
         runner = PolicyRunner(path, backend=c.backend, seed=seed, temperature=c.temperature,
-                              verified=verified)
+                              verified=verified, base=getattr(self, "policy", None))
         if runner.action_dim != self.description.action_dim:
             raise ValueError(f"{path}: policy actions have {runner.action_dim} dims, robot "
                              f"{self.description.name!r} takes {self.description.action_dim}")
         runner.warmup(3)
         runner.check()
+        self._check_latency(runner)
         # the scorer ships with (and swaps with) the policy version whose features it reads
         runner.scorer = OnnxScorer.from_artifact(path, runner.manifest)
         return runner
+
+    def _check_latency(self, runner: PolicyRunner) -> None:
+        """Refuse a policy too slow for the control rate: its chunks would arrive after the
+        queue ran dry, and the robot would spend its time holding (a deliberately or
+        accidentally heavy graph). Median of the warm-up runs: one slow first run is normal."""
+        c = self.config
+        rate = c.rate_hz or runner.manifest.control_rate_hz or self.description.control_rate_hz
+        budget = c.latency_budget_s or max(1, runner.horizon // 2) / rate
+        took = runner.latency["total"].quantile(0.5)
+        if took > budget:
+            raise RuntimeError(f"policy v{runner.version} is too slow: warm-up inference takes "
+                               f"{1e3 * took:.1f} ms (median), over the latency budget of "
+                               f"{1e3 * budget:.1f} ms (NodeConfig.latency_budget_s; default "
+                               f"H//2 = {runner.horizon // 2} ticks at {rate:g} Hz)")
 
     def _on_artifact(self, path: pathlib.Path, manifest) -> None:
         """Called on the subscriber's thread: load, warm up, check, stage. Raising refuses the
@@ -222,6 +247,17 @@ class RobotNode:
         self.worker.stage(prev)
         self._event(f"rolling back to v{version} (still loaded)")
         return True
+
+    def _check_observation(self, obs):
+        """The control loop's per-tick check, for the cameras and state of the running policy."""
+        policy = self.worker.policy
+        if self._obs_check is None or self._obs_check[0] is not policy:
+            self._obs_check = (policy, ObservationCheck.for_manifest(
+                policy.manifest, self.config.max_obs_age_s, self.clock.now))
+        return self._obs_check[1](obs)
+
+    def _on_hold(self, reason: str | None) -> None:
+        self._event(f"holding: {reason}" if reason else "observations good again: commanding")
 
     def _event(self, message: str) -> None:
         self.events.append(message)
@@ -376,6 +412,9 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                    help="actions executed per chunk s (held to d <= s <= H - d)")
     p.add_argument("--max-obs-age", type=float, default=None,
                    help="seconds after which an observation is too old to infer from")
+    p.add_argument("--latency-budget", type=float, default=None,
+                   help="refuse a policy version whose warm-up inference (median) takes longer "
+                        "(seconds; default: H//2 ticks at the control rate)")
     p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
                    help="learner public key (PEM) whose signed artifacts this robot accepts; "
                         "repeatable (e.g. during a key rotation)")
@@ -404,6 +443,7 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                       rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend,
                       metrics_port=a.metrics_port, strategy=a.strategy,
                       actions_per_chunk=a.actions_per_chunk, max_obs_age_s=a.max_obs_age,
+                      latency_budget_s=a.latency_budget,
                       trusted_keys=tuple(a.trusted_key), allow_unsigned=a.allow_unsigned,
                       status_interval_s=a.status_interval, tls_cert=a.tls_cert,
                       tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,

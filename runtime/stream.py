@@ -11,6 +11,14 @@ capped, jittered exponential backoff; the learner deduplicates by (robot, episod
 resends are safe. A batch the learner refuses as malformed (INVALID_ARGUMENT) is poison: resending
 cannot help and would block every batch behind it, so it is quarantined in the spool's
 ``corrupt/`` folder and the stream reconnects at once.
+
+Size: the learner refuses a message over its receive limit (``LEARNER_MAX_MESSAGE_BYTES``) with
+RESOURCE_EXHAUSTED, which looks transient and would be retried forever. A spooled batch over
+``max_batch_bytes`` therefore never goes on the stream: it is sent as several PushExperience calls
+of whole records that fit (same batch_seq; the learner deduplicates by record, so a resend after a
+failure is safe) and acknowledged in the spool once all are stored. A single record too large for
+any message cannot be sent at all: the batch is quarantined (after its other records are stored),
+with an error naming the record.
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# learner/service.py MAX_MESSAGE_BYTES (runtime/ never imports learner/; a test keeps them equal)
+LEARNER_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_BATCH_BYTES = LEARNER_MAX_MESSAGE_BYTES - 64 * 1024  # headroom for the batch's own fields
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    # a restarted learner is reached within ~2 s, not gRPC's default of up to 2 min
@@ -69,12 +80,18 @@ class ExperienceClient:
 
     def __init__(self, addr: str, spool: Spool, robot_id: str, *, rpc_timeout_s: float = 10.0,
                  backoff_cap_s: float = 2.0, window: int = STREAM_WINDOW, stream: bool = True,
-                 channel_factory: Callable[[str], grpc.Channel] = insecure_channel):
+                 channel_factory: Callable[[str], grpc.Channel] = insecure_channel,
+                 max_batch_bytes: int = MAX_BATCH_BYTES):
         """``rpc_timeout_s`` bounds a push, and the wait for each ack on a stream."""
         if rpc_timeout_s <= 0:
             raise ValueError(f"ExperienceClient rpc_timeout_s must be > 0, got {rpc_timeout_s}")
         if window < 1:
             raise ValueError(f"ExperienceClient window must be >= 1, got {window}")
+        if not 0 < max_batch_bytes <= MAX_BATCH_BYTES:
+            raise ValueError(f"ExperienceClient max_batch_bytes must be in (0, {MAX_BATCH_BYTES}] "
+                             f"(the learner's message limit), got {max_batch_bytes}")
+        self.max_batch_bytes = int(max_batch_bytes)
+        self.batches_split = 0
         if robot_id != spool.robot_id:
             raise ValueError(f"ExperienceClient robot_id {robot_id!r} differs from the spool's "
                              f"{spool.robot_id!r}; a robot can only send its own experience")
@@ -151,6 +168,7 @@ class ExperienceClient:
     def stats(self) -> dict:
         return {"batches_sent": self.batches_sent, "batches_acked": self.batches_acked,
                 "batches_quarantined": self.batches_quarantined, "errors": self.errors,
+                "batches_split": self.batches_split,
                 "last_error": self.last_error, "pending_records": self.spool.pending(),
                 "ack_latency_p50_s": self.ack_latency_p50_s,
                 "ack_latency_p99_s": self.ack_latency_p99_s, "transport": self.transport}
@@ -160,6 +178,17 @@ class ExperienceClient:
         stub = pb_grpc.LearnerStub(self._channel)
         while not self._stop.is_set():
             if not self.spool.wait(0.1):
+                continue
+            oldest = self.spool.peek(1)
+            if oldest and oldest[0][1].ByteSize() > self.max_batch_bytes:
+                with self._idle:
+                    self._busy = True
+                try:
+                    self._send_oversized(stub, *oldest[0])
+                finally:
+                    with self._idle:
+                        self._busy = False
+                        self._idle.notify_all()
                 continue
             if self.transport == "stream":
                 self._stream(stub)
@@ -219,6 +248,8 @@ class ExperienceClient:
                     return  # half-close: the learner ends the call once its acks are out
                 self.spool.wait_after(last, 0.05)
                 continue
+            if nxt[0][1].ByteSize() > self.max_batch_bytes:
+                return  # over the learner's limit: _run sends it in parts once it is the oldest
             last, batch = nxt[0]
             with self._window:
                 self._inflight[last] = time.monotonic()
@@ -304,6 +335,62 @@ class ExperienceClient:
         self.records_stored += ack.stored
         self.records_duplicate += ack.duplicates
         self._backoff.reset()
+
+    def _send_oversized(self, stub, batch_seq: int, batch: pb.ExperienceBatch) -> None:
+        """A batch over ``max_batch_bytes``: its records in parts that fit, one push each."""
+        limit = self.max_batch_bytes
+        fits, too_big, parts, size = [], [], [[]], 0
+        for i, r in enumerate(batch.records):
+            n = r.ByteSize() + 16  # the record's tag and length prefix inside the batch
+            if n > limit:
+                too_big.append(f"record {i} (episode {r.episode_id!r}, seq {r.seq}) is {n} bytes")
+                continue
+            if parts[-1] and size + n > limit:
+                parts.append([])
+                size = 0
+            parts[-1].append(r)
+            fits.append(r)
+            size += n
+        log.warning("experience: batch %d is %d bytes, over the %d bytes the learner accepts in "
+                    "one message; sending its %d records that fit in %d parts", batch_seq,
+                    batch.ByteSize(), limit, len(fits), len(parts) if fits else 0)
+        stored = duplicates = 0
+        for part in parts if fits else []:
+            self.batches_sent += 1
+            try:
+                ack = stub.PushExperience(pb.ExperienceBatch(robot_id=batch.robot_id,
+                                                             batch_seq=batch_seq, records=part),
+                                          timeout=self.rpc_timeout_s)
+            except ValueError:
+                if self._stop.is_set():
+                    return  # stop() closed the channel; the batch stays spooled
+                raise
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                code = e.code() if hasattr(e, "code") else None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._quarantine(batch_seq, e)
+                    return
+                self._fail(f"PushExperience of part of batch {batch_seq} to {self.addr}: "
+                           f"{code.name if code else 'error'}: {_details(e)}")
+                return  # all of it again later: the parts already stored come back duplicates
+            stored, duplicates = stored + ack.stored, duplicates + ack.duplicates
+        self.batches_split += 1
+        self.records_stored += stored
+        self.records_duplicate += duplicates
+        self._backoff.reset()
+        if too_big:
+            self.batches_quarantined += 1
+            self.last_error = (f"batch {batch_seq}: {'; '.join(too_big)}, over the learner's "
+                               f"message limit of {limit} bytes")
+            self.spool.quarantine(batch_seq, f"holds records too large to send ({'; '.join(too_big)}"
+                                             f"; limit {limit} bytes; its {len(fits)} other "
+                                             f"records were stored); record smaller images or "
+                                             f"fewer cameras")
+            return
+        self.spool.ack(batch_seq)
+        self.batches_acked += 1
 
     def _fail(self, message: str) -> None:
         self.errors += 1

@@ -109,6 +109,10 @@ class SensorCache:
                                              f"(has {list(msg.name)})")
                 return
             pos = np.asarray([msg.position[index[j]] for j in self.joints], np.float32)
+            if not np.all(np.isfinite(pos)):  # a NaN reading must not become a command
+                self._bad["joint_states"] = (f"joint_states not finite: "
+                                             f"{dict(zip(self.joints, pos.tolist()))}")
+                return
             self._bad.pop("joint_states", None)
             self._joints = Reading(self._stamp(msg.header, received), pos)
 
