@@ -101,7 +101,8 @@ def test_a_node_waits_at_the_learners_gate_for_the_version_being_trained(tmp_pat
     assert status["min_version"] == 2 and status["policy_version"] == 2
     assert status["gate_wait_ticks"] >= 10  # at least 0.4 s of holding between episodes
     assert status["control"]["gate_wait_ticks"] == status["gate_wait_ticks"]
-    # an episode or two ran on v1 before the gate reached the robot; every later one on v2
-    assert 1 <= by_version["1"][1] <= 3 and by_version["2"][1] >= 3
+    # at most an episode or two ran on v1 before the gate reached the robot (none when the
+    # announcement came before the first episode: a race on a loaded machine); the rest on v2
+    assert by_version.get("1", [0, 0])[1] <= 3 and by_version["2"][1] >= 3
     # the loop never stopped: 4 s at 25 Hz, waiting included
     assert 90 <= status["control"]["ticks"] <= 101 and not node.loop.stopped_by_errors
