@@ -2,7 +2,8 @@
 
 ``MetricsServer(status_fn, port)`` serves whatever ``status_fn()`` (the node's status dict)
 reports at scrape time: tick jitter, deadline misses, stalls, inference latency percentiles,
-active backend and providers, policy version, queue depth and spool depth.
+active backend and providers, policy version, queue depth and spool depth, and the verifier's
+decisions (checked, rejected, resampled, overridden, decision time) and the envelope's clamps.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def render(status: dict) -> str:
              _line("control_stall_ticks_total", c.get("stall_ticks", 0), robot)]
     for q in ("p50", "p99", "max"):
         lines.append(_line("control_jitter_ms", c.get(f"jitter_{q}_ms", 0), {**robot, "q": q}))
+    lines.append(_line("control_gate_wait_ticks_total", c.get("gate_wait_ticks", 0), robot))
+    lines.append(_line("control_holding", bool(c.get("hold_reason")),
+                       {**robot, "reason": c.get("hold_reason") or ""}))
+    for reason, n in (c.get("observation_holds") or {}).items():
+        lines.append(_line("control_observation_holds_total", n, {**robot, "reason": reason}))
     for q in ("p50", "p95"):
         lines.append(_line("inference_latency_ms", inf.get(f"latency_{q}_ms", 0),
                            {**robot, "q": q}))
@@ -44,7 +50,30 @@ def render(status: dict) -> str:
               _line("policy_version", status.get("policy_version", 0), robot),
               _line("queue_depth", status.get("queue_depth", 0), robot),
               _line("spool_depth", status.get("spool_pending", 0), robot)]
+    lines += _verifier_lines(status.get("verifier", {}), robot)
     return "\n".join(lines) + "\n"
+
+
+_VERIFIER_COUNTERS = ("chunks_checked", "chunks_rejected", "candidates", "candidates_rejected",
+                      "resample_rounds", "veto_overrides")
+
+
+def _verifier_lines(v: dict, robot: dict) -> list[str]:
+    """The verifier's decisions (scheduler counters, decision time) and the envelope's
+    interventions by reason."""
+    lines = [_line(f"verifier_{k}_total", v.get(k, 0), robot) for k in _VERIFIER_COUNTERS]
+    for q in ("p50", "p99"):
+        lines.append(_line("verifier_time_ms", v.get(f"time_{q}_ms", 0), {**robot, "q": q}))
+    if v.get("chosen_p_safe_mean") is not None:
+        lines.append(_line("verifier_chosen_p_safe_mean", v["chosen_p_safe_mean"], robot))
+    lines.append(_line("verifier_veto_disabled", bool(v.get("veto_disabled")), robot))
+    env = v.get("by_reason", {})
+    lines.append(_line("envelope_actions_clamped_total", env.get("actions_clamped", 0), robot))
+    lines.append(_line("envelope_interventions_total", env.get("interventions", 0), robot))
+    for key, n in env.items():
+        if key.startswith("by_"):
+            lines.append(_line("envelope_clamps_total", n, {**robot, "reason": key[3:]}))
+    return lines
 
 
 class MetricsServer:
