@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from learner.validate import ROW_FIELDS
+from runtime.artifact import fsync_dir
 
 IPC_SUFFIX = ".arrows"
 PARQUET_SUFFIX = ".parquet"
@@ -102,14 +103,6 @@ def segment_name(segment_id: int, suffix: str) -> str:
 def sync_file(fd: int) -> None:
     # fdatasync also flushes the file size, which is all an append changes besides the data
     getattr(os, "fdatasync", os.fsync)(fd)
-
-
-def fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ActiveSegment:

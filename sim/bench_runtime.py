@@ -24,10 +24,8 @@ import platform
 import sys
 import time
 
-import numpy as np
 
 from runtime.artifact import write_atomic
-from runtime.backends import load_backend
 from runtime.chunks import STRATEGIES, ActionQueue
 from runtime.clock import VirtualClock, WallClock
 from runtime.control import ControlLoop
@@ -113,44 +111,6 @@ def _description(policy):
     return load_description(policy.manifest.robot)
 
 
-def _params(artifact) -> int:
-    import onnx
-
-    model = onnx.load(str(pathlib.Path(artifact) / "policy.onnx"))
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
-
-
-def backends(artifact, n: int, candidates) -> list[dict]:
-    rows = []
-    params = _params(artifact)
-    policy = PolicyRunner(artifact)
-    feeds = policy.feeds(policy.synthetic_observation())
-    for name, options in candidates:
-        try:
-            backend = load_backend(name, artifact, policy.manifest, **options)
-        except Exception as e:  # not available here: say why, measure the rest
-            rows.append({"name": name, "options": options, "skipped": f"{type(e).__name__}: {e}"})
-            continue
-        for _ in range(10):
-            backend.infer(feeds)
-        w = LatencyWindow(n)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            backend.infer(feeds)
-            w.add(time.perf_counter() - t0)
-        info = backend.info()
-        rows.append({"name": name, "device": info.get("device"), "params": params,
-                     "providers": info.get("providers"), "latency_ms": _ms(w)})
-    return rows
-
-
-CANDIDATES = [("ort", {}), ("torch", {"device": "cpu"}),
-              ("ort", {"providers": ["CUDAExecutionProvider"]}),
-              ("ort", {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}),
-              ("torch", {"device": "cuda", "cuda_graph": True}),
-              ("tensorrt", {"precision": "fp16"})]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether bench runtime", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -183,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     # the same measure on the >= 100M-parameter policy: where inference dominates the chunk
     import tempfile
 
-    from sim.bench_backends import make_artifact
+    from sim.bench_backends import make_artifact, measure
 
     with tempfile.TemporaryDirectory() as tmp:
         large = make_artifact(pathlib.Path(tmp), "large")
         result["overhead_large"] = overhead(large, 30 if a.quick else 100)
     print(f"bench runtime: overhead (104M-parameter policy) {result['overhead_large']}", flush=True)
-    result["backends"] = backends(artifact, 50 if a.quick else 300, CANDIDATES)
+    result["backends"] = measure(artifact, "reference", 50 if a.quick else 300)
     print(f"bench runtime: backends {result['backends']}", flush=True)
     sync_settings = (lambda h: [h // 2, h]) if a.quick else (lambda h: [h // 4, h // 2, h])
     rows, sweep = compare(artifact, DEFAULT_TASKS, episodes,

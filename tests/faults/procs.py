@@ -56,7 +56,19 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM (a clean stop), SIGKILL after ``timeout``; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 # -- the learner ------------------------------------------------------------------------------
+
 class Learner:
     """A ``tether learner --insecure`` process on a fixed port, restartable on the same data."""
 
@@ -107,14 +119,7 @@ class Learner:
         self.proc.wait()
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return terminate(self.proc, timeout) if self.proc is not None else None
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -198,13 +203,7 @@ class RobotProc:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM: the node stops its loop, drains its spool (bounded), exits 0."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return terminate(self.proc, timeout)
 
     def log_tail(self, n: int = 3000) -> str:
         path = self.home / "robot.log"

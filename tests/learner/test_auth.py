@@ -18,7 +18,7 @@ from runtime.stream import ExperienceClient
 from runtime.tls import TlsConfig, TlsError
 from runtime.weights import WeightSubscriber
 from tests.doubles import public_key_for_tests, signing_key_for_tests
-from tests.learner.helpers import make_artifact, simple_record
+from tests.learner.helpers import simple_record
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
 TIMEOUT = 10
@@ -39,11 +39,6 @@ def pki(tmp_path_factory):
     ids["named-learner"] = certs.issue(root / "ca", LEARNER, "learner", root / "named-learner",
                                        hosts=("learner.fleet.example",))
     return ids
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
 
 
 def server_tls(issued) -> ServerTls:

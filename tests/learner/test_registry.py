@@ -9,12 +9,6 @@ import torch
 from learner.model import ReferenceVLA, VLAConfig
 from learner.registry import Registry
 from runtime.artifact import MANIFEST, sha256_file, verify_artifact
-from tests.learner.helpers import make_artifact
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
 
 
 def test_import_publish_reopen_monotonic(tmp_path, pretrained):

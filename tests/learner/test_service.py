@@ -9,13 +9,8 @@ from learner.registry import Registry
 from learner.service import CHUNK_BYTES, serve
 from learner.store import ExperienceStore
 from runtime.artifact import MANIFEST, sha256_file
-from tests.learner.helpers import make_artifact, simple_record
+from tests.learner.helpers import simple_record
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
 
 
 @pytest.fixture

@@ -16,29 +16,10 @@ import torch
 
 from learner.batches import decode
 from learner.model import gaussian_log_prob
-from learner.registry import Registry
-from learner.store import ExperienceStore
 from learner.trainer import Trainer, TrainerConfig
 from runtime.artifact import load_manifest, verify_artifact
-from tests.learner.helpers import make_artifact, policy_episode
+from tests.learner.helpers import policy_episode
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
-
-
-@pytest.fixture
-def setup(tmp_path, pretrained):
-    artifact, ckpt, _ = pretrained
-    registry = Registry(tmp_path / "reg")
-    manifest = registry.import_initial(artifact, ckpt)
-    session = ort.InferenceSession(str(registry.artifact_dir(1) / "policy.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    store = ExperienceStore(tmp_path / "exp.sqlite")
-    yield store, registry, manifest, session
-    store.close()
 
 
 def episodes(session, manifest):

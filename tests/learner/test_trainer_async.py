@@ -3,35 +3,14 @@ robot/learner discrepancy measured apart from staleness, the staleness gate (S =
 imitation of interventions, and the per-update log."""
 import json
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from learner import ppo
-from learner.registry import Registry
-from learner.store import ExperienceStore
 from learner.trainer import Trainer, TrainerConfig
-from tests.learner.helpers import make_artifact, policy_episode
+from tests.learner.helpers import policy_episode
 from tests.learner.test_trainer import logp
 from tether.wire import tether_pb2 as pb
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
-
-
-@pytest.fixture
-def setup(tmp_path, pretrained):
-    artifact, ckpt, _ = pretrained
-    registry = Registry(tmp_path / "reg")
-    manifest = registry.import_initial(artifact, ckpt)
-    session = ort.InferenceSession(str(registry.artifact_dir(1) / "policy.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    store = ExperienceStore(tmp_path / "exp.sqlite")
-    yield store, registry, manifest, session
-    store.close()
 
 
 def push(store, episodes):

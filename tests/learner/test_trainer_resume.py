@@ -9,24 +9,17 @@ import sys
 import time
 
 import grpc
-import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 
 from learner.registry import Registry
 from learner.store import ExperienceStore
 from learner.trainer import Trainer, TrainerConfig
 from runtime.artifact import load_manifest
-from tests.learner.helpers import make_artifact, policy_episode
+from tests.learner.helpers import policy_episode
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return make_artifact(tmp_path_factory.mktemp("pre"))
 
 
 def episode(session, manifest, name, n=4, success=False, version=1):

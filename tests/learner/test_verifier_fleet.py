@@ -7,7 +7,6 @@ from learner.verifier_fleet_train import FleetScorerConfig, scorer_data
 from learner.verifier_train import ScorerTrainConfig
 from runtime.artifact import verify_artifact
 from tests.learner.helpers import policy_episode
-from tests.learner.test_trainer import pretrained, setup  # noqa: F401 (fixtures)
 from verifier.scorer import OnnxScorer
 
 FLEET = FleetScorerConfig(min_chunks=16, min_episodes=4,

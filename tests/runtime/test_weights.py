@@ -278,12 +278,17 @@ def _variant(src, dst, change=None, key=None):
     return dst
 
 
-def _wait_refused(sub, n=1):
+def _wait_until(sub, done) -> bool:
+    """Poll ``done()`` for up to ~10 s, letting the subscriber's stream run meanwhile."""
     for _ in range(400):
-        if sub.refused >= n:
+        if done():
             return True
         sub.wait_for_version(99, 0.025)
     return False
+
+
+def _wait_refused(sub, n=1):
+    return _wait_until(sub, lambda: sub.refused >= n)
 
 
 def test_unsigned_is_refused_before_the_big_download(tmp_path, learner, artifacts):
@@ -379,10 +384,7 @@ def test_rollback_swaps_back_from_memory_and_never_takes_the_version_again(tmp_p
         assert sub.wait_for_version(2, 20.0)
         fetches = len(double.fetches)
         double.roll_back_to(1)
-        for _ in range(400):
-            if sub.current_version == 1:
-                break
-            sub.wait_for_version(99, 0.025)
+        _wait_until(sub, lambda: sub.current_version == 1)
         assert sub.current_version == 1 and sub.rollbacks == 1
         assert len(double.fetches) == fetches        # nothing fetched to go back
         double.publish(2, artifacts[2])              # announced again: ignored for good
@@ -406,10 +408,7 @@ def test_rollback_without_memory_uses_the_staged_copy(tmp_path, learner, artifac
         assert sub.wait_for_version(2, 20.0)
         fetches = len(double.fetches)
         double.roll_back_to(1)
-        for _ in range(400):
-            if sub.current_version == 1:
-                break
-            sub.wait_for_version(99, 0.025)
+        _wait_until(sub, lambda: sub.current_version == 1)
     finally:
         sub.stop()
     assert sub.current_version == 1 and installed.versions == [1, 2, 1]
