@@ -14,6 +14,7 @@ Robots and operators connect over mutual TLS (``--tls-cert --tls-key --tls-ca``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -55,6 +56,9 @@ def parse_args(argv):
                    help="fraction of robots that try a new version first (0: everyone at once)")
     p.add_argument("--canary-episodes", type=int, default=CanaryConfig.episodes,
                    help="canary episodes on a new version before it is promoted or rolled back")
+    p.add_argument("--verifier-every", type=int, default=TrainerConfig.verifier.every,
+                   help="retrain the verifier's chunk scorer and ship it with every N-th published "
+                        "version (0: never; robots then run the envelope and shape checks only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-train", action="store_true", help="ingest and serve only")
     p.add_argument("--log-level", default="INFO")
@@ -132,7 +136,9 @@ def main(argv=None) -> int:
             dist_config, ranks = distributed.spawn_local(dist_config, data)
             trainer = distributed.trainer_class(dist_config)(store, registry, TrainerConfig(
                 publish_interval_s=args.publish_interval, min_new_episodes=args.min_episodes,
-                seed=args.seed, staleness=args.staleness), log_path=data / "updates.jsonl")
+                seed=args.seed, staleness=args.staleness,
+                verifier=dataclasses.replace(TrainerConfig.verifier, every=args.verifier_every)),
+                log_path=data / "updates.jsonl")
         except (RuntimeError, ValueError) as e:
             distributed.stop_local(ranks, timeout=0)
             print(f"tether learner: {e} (or run with --no-train)", file=sys.stderr)

@@ -295,6 +295,11 @@ class Trainer:
             except ValueError as e:  # a scorer is optional: publish the policy regardless
                 log.warning("verifier scorer not retrained for this version: %s", e)
                 trained = None
+            else:
+                if trained is None:
+                    log.info("verifier scorer not retrained for this version: %d usable "
+                             "episodes in the replay window, fewer than it needs; shipping %s",
+                             len(episodes), "the previous one" if self._scorer else "none")
             self._scorer = trained or self._scorer
         return self._scorer
 

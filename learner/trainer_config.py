@@ -48,10 +48,12 @@ class TrainerConfig:
     read_limit: int = 512
     max_pending_records: int = 50_000  # incomplete episodes held; oldest dropped beyond this
     ess_scaled_lr: bool = True
-    # the verifier scorer, retrained and shipped with every published version (every=0: never;
-    # robots then run with the verifier's checks only). Safe on by default since the scorer
-    # cannot stall a robot: its veto is capped and a scorer that vetoes too often loses it
-    verifier: FleetScorerConfig = FleetScorerConfig(every=1)
+    # the verifier scorer, retrained and shipped with every ``every``-th published version
+    # (`tether learner --verifier-every N`). Off by default: in a 4-robot, 3-minute fleet a
+    # scorer trained on a few minutes of data vetoed the first chunks after swaps (2 ticks
+    # without an action) and got a version rolled back; robots then run the verifier's checks
+    # and the envelope only
+    verifier: FleetScorerConfig = FleetScorerConfig(every=0)
     seed: int = 0
 
     def __post_init__(self):

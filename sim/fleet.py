@@ -42,6 +42,7 @@ class FleetConfig:
     publish_interval_s: float = 25.0
     min_episodes: int = 2
     staleness: int | None = None  # the learner's staleness S (None: its default; 0: synchronous)
+    verifier_every: int | None = None  # the learner's --verifier-every (None: its default)
     train: bool = True            # False: the learner only ingests and serves version 1
     canary_fraction: float | None = None  # the learner's canary rollout (None: its default)
     canary_episodes: int | None = None
@@ -124,6 +125,8 @@ class Fleet:
                 *self._tls_args("learner")]
         if c.staleness is not None:
             args += ["--staleness", str(c.staleness)]
+        if c.verifier_every is not None:
+            args += ["--verifier-every", str(c.verifier_every)]
         if c.canary_fraction is not None:
             args += ["--canary-fraction", str(c.canary_fraction)]
         if c.canary_episodes is not None:
@@ -331,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staleness", type=int, default=None,
                    help="the learner's staleness: 0 = synchronous on-policy, larger = more "
                         "asynchronous (default: the learner's)")
+    p.add_argument("--verifier-every", type=int, default=None,
+                   help="the learner ships a retrained verifier scorer with every N-th version "
+                        "(default: the learner's, off)")
     p.add_argument("--min-episodes", type=int, default=FleetConfig.min_episodes,
                    help="new complete episodes per published version (at least)")
     p.add_argument("--no-train", action="store_true",
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                          cache_dir=a.cache_dir, publish_interval_s=a.publish_interval,
                          staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
                          canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
-                         insecure=a.insecure)
+                         insecure=a.insecure, verifier_every=a.verifier_every)
     summary = run_fleet(config)
     print(json.dumps({k: summary[k] for k in (
         "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",

@@ -110,7 +110,8 @@ def test_server_process_serves_trains_and_exits_cleanly(tmp_path, pretrained):
     data = tmp_path / "data"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.cli", "learner", "--addr", "127.0.0.1:0", "--data", str(data),
-         "--init-artifact", str(artifact), "--publish-interval", "0", "--insecure"],
+         "--init-artifact", str(artifact), "--publish-interval", "0", "--insecure",
+         "--verifier-every", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=pathlib.Path(__file__).resolve().parents[2], env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -137,6 +138,9 @@ def test_server_process_serves_trains_and_exits_cleanly(tmp_path, pretrained):
             # SIGTERM with a subscriber still attached: the stream ends, the process exits 0
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, proc.stderr.read()
+            # --verifier-every 1 reached the trainer: it tried to retrain the scorer at the
+            # publish (two short episodes are too few, so the version shipped without one)
+            assert "verifier scorer not retrained" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
