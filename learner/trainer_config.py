@@ -49,11 +49,10 @@ class TrainerConfig:
     max_pending_records: int = 50_000  # incomplete episodes held; oldest dropped beyond this
     ess_scaled_lr: bool = True
     # the verifier scorer, retrained and shipped with every ``every``-th published version
-    # (`tether learner --verifier-every N`). Off by default: in a 4-robot, 3-minute fleet a
-    # scorer trained on a few minutes of data vetoed the first chunks after swaps (2 ticks
-    # without an action) and got a version rolled back; robots then run the verifier's checks
-    # and the envelope only
-    verifier: FleetScorerConfig = FleetScorerConfig(every=0)
+    # (`tether learner --verifier-every N`, 0 = never). A scorer without held-out evidence that
+    # it separates unsafe chunks from safe ones ships advisory (no veto; see
+    # learner/verifier_train.py): a few minutes of fleet data rarely give that evidence
+    verifier: FleetScorerConfig = FleetScorerConfig(every=1)
     seed: int = 0
 
     def __post_init__(self):

@@ -103,6 +103,9 @@ def train_fleet_scorer(model, spec, episodes: list[list], gamma: float,
         return None
     warm = None if previous is None else previous.model
     trained = train_scorer(data, config.train, model=warm)
-    log.info("fleet scorer: %d chunks from %d episodes, %.1f%% unsafe, threshold %.3f",
-             len(data), len(episodes), 100 * trained.metrics["unsafe_frac"], trained.threshold)
+    log.info("fleet scorer: %d chunks from %d episodes, %.1f%% unsafe, threshold %.3f, "
+             "held-out AUC %.3f%s", len(data), len(episodes),
+             100 * trained.metrics["unsafe_frac"], trained.threshold,
+             trained.metrics["calib_auc"],
+             f" (advisory: {trained.veto_withheld})" if trained.veto_withheld else "")
     return trained

@@ -13,6 +13,15 @@ Platt scaling (``sigmoid(scale * logit + bias)``, fitted by NLL; a temperature a
 the base rate) baked into the exported graph, then the decision threshold: the largest one whose
 false-reject rate on the calibration chunks that were safe and led to success stays within
 ``max_false_reject``, and at most ``max_threshold`` (a veto means "more likely unsafe than safe").
+
+A scorer earns its veto on the held-out episodes: unsafe chunks in at least
+``min_unsafe_episodes`` of them, and a ranking (AUC of the safety logit, unsafe against safe)
+whose lower bound (the 5 % quantile over bootstrap resamples of whole episodes: a failed
+episode's chunks are labelled together, so chunks are not independent samples) reaches
+``min_auc``. One that falls short ships *advisory*: threshold 0, so it scores (recorded,
+available to the selection) but vetoes nothing, and the manifest says why (``veto``,
+``veto_withheld``). A scorer trained on a few minutes of fleet data typically falls short; a
+veto from it stops a robot for nothing (seen as ticks without an action after swaps).
 """
 from __future__ import annotations
 
@@ -44,15 +53,20 @@ class ScorerTrainConfig:
     # scorer that learned little gives every chunk about the base rate, and a quantile-based
     # threshold alone would then veto on noise (seen in fleet runs: 29% of decisions)
     max_threshold: float = 0.5
+    min_unsafe_episodes: int = 3   # held-out episodes with unsafe chunks a veto needs
+    min_auc: float = 0.7           # lower bound of the held-out AUC (unsafe vs safe) it needs
+    auc_resamples: int = 200       # episode bootstrap for that lower bound
     seed: int = 0
 
     def __post_init__(self):
         if self.lookahead_ticks < 0 or self.epochs < 1 or self.minibatch < 1 or self.lr <= 0:
             raise ValueError(f"ScorerTrainConfig: invalid sizes: {self}")
         if (not 0 < self.calib_fraction < 1 or not 0 <= self.max_false_reject < 1
-                or not 0 <= self.max_threshold <= 1):
+                or not 0 <= self.max_threshold <= 1 or self.min_unsafe_episodes < 0
+                or not 0 <= self.min_auc <= 1 or self.auc_resamples < 1):
             raise ValueError(f"ScorerTrainConfig: calib_fraction in (0, 1), max_false_reject "
-                             f"in [0, 1): {self}")
+                             f"in [0, 1), max_threshold and min_auc in [0, 1], "
+                             f"min_unsafe_episodes >= 0, auc_resamples >= 1: {self}")
 
 
 @dataclasses.dataclass
@@ -86,6 +100,7 @@ class TrainedScorer:
     threshold: float
     calibration: tuple[float, float]   # Platt (scale, bias) on the safety logit
     metrics: dict
+    veto_withheld: str = ""            # why the scorer ships advisory (threshold 0); "" = vetoes
 
     @property
     def temperature(self) -> float:
@@ -99,10 +114,12 @@ class TrainedScorer:
         c = self.model.config
         return {"file": "verifier.onnx", "inputs": ["features", "state", "mean", "actions"],
                 "outputs": ["p_safe", "advantage", "logit"], "threshold": self.threshold,
+                "veto": not self.veto_withheld, "veto_withheld": self.veto_withheld,
                 "calibration": {"scale": self.calibration[0], "bias": self.calibration[1]},
                 "features": c.features,
                 "state_dim": c.state_dim, "horizon": c.horizon, "action_dim": c.action_dim,
-                "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}}
+                "metrics": {k: v for k, v in self.metrics.items()
+                            if isinstance(v, (int, float)) and np.isfinite(v)}}
 
 
 def chunk_labels(chunk_ticks: list[tuple[int, int]], intervened: np.ndarray, episode_len: int,
@@ -194,6 +211,52 @@ def pick_threshold(p_safe: np.ndarray, good: np.ndarray, max_false_reject: float
     return float(max(0.0, p[k] - 1e-6)) if k < len(p) else float(p[-1])
 
 
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties half
+    (Mann-Whitney U from average ranks). NaN when one class is missing."""
+    score, positive = np.asarray(score, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    sorted_s = score[order]
+    # average ranks over ties
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(score)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = 0.5 * (a + b - 1) + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def veto_evidence(logit: np.ndarray, safe: np.ndarray, episode: np.ndarray,
+                  config: ScorerTrainConfig) -> tuple[float, float, str]:
+    """(held-out AUC of the unsafe class, its episode-bootstrap lower bound, "" if the scorer
+    may veto else why it may not)."""
+    unsafe = np.asarray(safe) < 0.5
+    episode = np.asarray(episode)
+    score = -np.asarray(logit, np.float64)  # the logit is of "safe": unsafe should rank high
+    a = auc(score, unsafe)
+    eps = np.unique(episode)
+    n_bad = len(np.unique(episode[unsafe]))
+    if n_bad < config.min_unsafe_episodes or unsafe.all():
+        return a, float("nan"), (f"unsafe chunks in {n_bad} of {len(eps)} held-out episodes "
+                                 f"({int(unsafe.sum())} of {len(unsafe)} chunks); a veto needs "
+                                 f"them in at least {config.min_unsafe_episodes} and safe ones too")
+    rows = [np.flatnonzero(episode == e) for e in eps]
+    rng = np.random.default_rng(config.seed)
+    boot = []
+    for _ in range(config.auc_resamples):
+        idx = np.concatenate([rows[i] for i in rng.integers(0, len(eps), len(eps))])
+        b = auc(score[idx], unsafe[idx])
+        boot.append(0.0 if np.isnan(b) else b)  # a resample without one class: no evidence
+    low = float(np.quantile(boot, 0.05))
+    if not low >= config.min_auc:
+        return a, low, (f"held-out AUC {a:.3f}, lower bound {low:.3f} over episode resamples, "
+                        f"is below the {config.min_auc} a veto needs")
+    return a, low, ""
+
+
 def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig(),
                  model: ChunkScorer | None = None) -> TrainedScorer:
     """Train (or continue training) a scorer, calibrate it on held-out episodes."""
@@ -248,14 +311,19 @@ def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig
     p_c = 1.0 / (1.0 + np.exp(-(scale * logit_c + bias)))
     good = (calib.safe > 0.5) & calib.led_to_success
     threshold = min(pick_threshold(p_c, good, c.max_false_reject), c.max_threshold)
-    metrics = {"chunks_train": len(train), "chunks_calib": len(calib),
+    calib_auc, auc_low, withheld = veto_evidence(logit_c, calib.safe, calib.episode, c)
+    if withheld:
+        threshold = 0.0
+    metrics = {"calib_auc": calib_auc, "calib_auc_low": auc_low,
+               "calib_unsafe": int((calib.safe < 0.5).sum()),
+               "chunks_train": len(train), "chunks_calib": len(calib),
                "unsafe_frac": float(1 - data.safe.mean()), "steps": steps,
                "loss_focal": sums["focal"] / max(steps, 1), "loss_adv": sums["adv_mse"] / max(steps, 1),
                "calib_ece": expected_calibration_error(p_c, calib.safe)}
     log.info("scorer: %d chunks (%.1f%% unsafe), Platt %.3f/%.3f, threshold %.3f, calib ECE "
-             "%.4f", len(data), 100 * metrics["unsafe_frac"], scale, bias, threshold,
-             metrics["calib_ece"])
-    return TrainedScorer(model, threshold, (scale, bias), metrics)
+             "%.4f, AUC %.3f%s", len(data), 100 * metrics["unsafe_frac"], scale, bias, threshold,
+             metrics["calib_ece"], calib_auc, f"; advisory, no veto: {withheld}" if withheld else "")
+    return TrainedScorer(model, threshold, (scale, bias), metrics, veto_withheld=withheld)
 
 
 def predict(model: ChunkScorer, data: ScorerData) -> tuple[np.ndarray, np.ndarray]:

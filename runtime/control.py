@@ -72,6 +72,7 @@ class ControlLoop:
         self.ticks = 0
         self.deadline_misses = 0
         self.stall_ticks = 0
+        self.verifier_hold_ticks = 0  # empty queue because the verifier vetoed (not a stall)
         self.gate_wait_ticks = 0  # ticks spent between episodes waiting for the episode gate
         self._gate_reason: str | None = None
         self.robot_errors = 0
@@ -195,8 +196,9 @@ class ControlLoop:
         if obs is not None and self.worker is not None:
             self.worker.maybe_request(tick, obs)
         slot = self.queue.pop(tick)
+        held = ""
         if slot is None or obs is None:
-            self.stall_ticks += int(slot is None and not refused)  # a hold is not an underrun
+            held = self._held_why(slot, refused)
             chunk, offset = None, 0
             command = self.description.hold_action(self._last_cmd)
         else:
@@ -215,7 +217,8 @@ class ControlLoop:
         record = TickRecord(tick=tick, chunk=chunk, offset=int(offset),
                             action=self.from_command(safe), clamped=clamped,
                             reward=float(result.reward), terminated=bool(result.terminated),
-                            truncated=bool(result.truncated), success=bool(result.success))
+                            truncated=bool(result.truncated), success=bool(result.success),
+                            held=held)
         if self.on_tick is not None:
             self.on_tick(record)
         if record.terminated or record.truncated:
@@ -224,6 +227,17 @@ class ControlLoop:
                 self.on_episode_end(self.epoch, record.success)
             self._next_episode()
         return record
+
+    def _held_why(self, slot, refused: bool) -> str:
+        """Why this tick holds (TickRecord.held), counted: an observation hold and a verifier
+        hold are decisions; only a chunk that was not ready in time is a stall."""
+        if slot is not None or refused:
+            return "observation"
+        if self.worker is not None and getattr(self.worker, "verifier_holding", False):
+            self.verifier_hold_ticks += 1
+            return "verifier"
+        self.stall_ticks += 1
+        return "underrun"
 
     def _checked(self, tick: int, obs: Observation) -> Observation | None:
         """``obs``, or None (hold this tick) when the observation check refuses it."""
@@ -267,7 +281,8 @@ class ControlLoop:
 
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
-                "stall_ticks": self.stall_ticks, "gate_wait_ticks": self.gate_wait_ticks,
+                "stall_ticks": self.stall_ticks, "verifier_hold_ticks": self.verifier_hold_ticks,
+                "gate_wait_ticks": self.gate_wait_ticks,
                 "hold_reason": self.hold_reason,
                 "observation_holds": dict(self.observation_holds),
                 "robot_errors": self.robot_errors,

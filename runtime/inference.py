@@ -111,6 +111,7 @@ class InferenceWorker:
         self._chunk_ids = 0
         self.chunks = 0
         self.chunks_rejected = 0
+        self._vetoed_epoch = -1  # the epoch whose latest inference the verifier vetoed
         self.chunks_dropped = 0  # inferred for an epoch that had ended
         self.errors = 0
         self.consecutive_errors = 0
@@ -298,6 +299,7 @@ class InferenceWorker:
                             "chunk (the envelope still checks it)", p.version, tick)
             if chosen is None:
                 self.chunks_rejected += 1
+                self._vetoed_epoch = epoch
                 log.warning("inference: no candidate from v%d at tick %d passed the verifier: %s",
                             p.version, tick, verdict.reason)
                 return None
@@ -338,6 +340,7 @@ class InferenceWorker:
                 self.chunks_dropped += 1
                 return
             self.latency.add(latency_s)
+            self._vetoed_epoch = -1
             self.chunks += 1
             self.versions_run.add(chunk.policy_version)
 
@@ -349,6 +352,12 @@ class InferenceWorker:
         for t_ready, chunk in due:
             self._finish(chunk, self.simulated_latency_s if self.simulated_latency_s is not None
                          else chunk.latency_s)
+
+    @property
+    def verifier_holding(self) -> bool:
+        """The verifier vetoed this episode's latest inference and no chunk has come since: an
+        empty queue now is the verifier's hold, not an underrun."""
+        return self._vetoed_epoch == self.epoch
 
     def versions(self) -> list[int]:
         """Sorted versions that produced at least one queued chunk (safe from any thread)."""

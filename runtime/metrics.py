@@ -25,7 +25,8 @@ def render(status: dict) -> str:
     robot = {"robot": status.get("robot_id", "")}
     lines = [_line("control_ticks_total", c.get("ticks", 0), robot),
              _line("control_deadline_misses_total", c.get("deadline_misses", 0), robot),
-             _line("control_stall_ticks_total", c.get("stall_ticks", 0), robot)]
+             _line("control_stall_ticks_total", c.get("stall_ticks", 0), robot),
+             _line("control_verifier_hold_ticks_total", c.get("verifier_hold_ticks", 0), robot)]
     for q in ("p50", "p99", "max"):
         lines.append(_line("control_jitter_ms", c.get(f"jitter_{q}_ms", 0), {**robot, "q": q}))
     lines.append(_line("control_gate_wait_ticks_total", c.get("gate_wait_ticks", 0), robot))

@@ -280,9 +280,10 @@ class RobotNode:
     def _on_tick(self, t: TickRecord) -> None:
         if t.chunk is None:
             # an underrun at an episode's start is the reset's (the queue was emptied), not
-            # the swap's; only mid-episode underruns near a swap count against it
+            # the swap's; only mid-episode underruns near a swap count against it (a verifier
+            # or observation hold is a decision, counted by the control loop)
             swapped = self.worker.last_swap_time
-            if (self._episode_chunks and swapped is not None
+            if (t.held == "underrun" and self._episode_chunks and swapped is not None
                     and self.clock.now() - swapped <= self.config.swap_window_s):
                 self.swap_stall_ticks += 1
         else:

@@ -44,9 +44,11 @@ class Chunk:
 class TickRecord:
     """One executed control tick, as the recorder sees it.
 
-    ``chunk`` is None on an underrun tick (the robot held position). ``action`` is the command
-    actually sent, mapped back into the normalized action space; ``clamped`` says whether the
-    envelope changed it.
+    ``chunk`` is None on a tick the robot held position, and ``held`` says why: "underrun" (no
+    chunk was ready in time), "verifier" (the verifier vetoed every candidate of the latest
+    inference and nothing was left to run) or "observation" (the observation check refused the
+    observation). ``action`` is the command actually sent, mapped back into the normalized action
+    space; ``clamped`` says whether the envelope changed it.
     """
     tick: int
     chunk: Chunk | None
@@ -57,3 +59,4 @@ class TickRecord:
     terminated: bool
     truncated: bool
     success: bool
+    held: str = ""

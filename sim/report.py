@@ -39,6 +39,7 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
             "ticks": sum(int(c.get("ticks", 0)) for c in ctl),
             "deadline_misses": sum(int(c.get("deadline_misses", 0)) for c in ctl),
             "stall_ticks": sum(int(c.get("stall_ticks", 0)) for c in ctl),
+            "verifier_hold_ticks": sum(int(c.get("verifier_hold_ticks", 0)) for c in ctl),
             "jitter_p99_ms": max((float(c.get("jitter_p99_ms", 0.0)) for c in ctl), default=0.0),
         },
         "swap_stall_ticks": sum(int(s.get("swap_stall_ticks", 0)) for s in statuses),

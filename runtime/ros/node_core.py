@@ -290,7 +290,8 @@ class RosNodeCore:
         values = {"state": self.state, "hold_reason": self.holding or "",
                   "holds": dict(self.hold_counts), "policy_version": status["policy_version"],
                   "ticks": loop.ticks, "commands_sent": self.commands_sent,
-                  "stall_ticks": loop.stall_ticks, "deadline_misses": self.deadline_misses,
+                  "stall_ticks": loop.stall_ticks, "verifier_hold_ticks": loop.verifier_hold_ticks,
+                  "deadline_misses": self.deadline_misses,
                   "jitter_p99_ms": round(1e3 * self.lateness.quantile(0.99), 3),
                   "inference_p95_ms": inf["latency_p95_ms"], "delay_ticks": inf["delay_ticks"],
                   "chunks": inf["chunks"], "actions_clamped": status["verifier"].get(

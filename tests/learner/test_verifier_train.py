@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from learner.verifier_train import (ScorerData, ScorerTrainConfig, chunk_labels, fit_platt,
-                                    fit_temperature, pick_threshold, predict, train_scorer)
+from learner.verifier_train import (ScorerData, ScorerTrainConfig, auc, chunk_labels, fit_platt,
+                                    fit_temperature, pick_threshold, predict, train_scorer,
+                                    veto_evidence)
 from verifier.scorer import OnnxScorer
 
 
@@ -68,6 +69,9 @@ def test_scorer_learns_exports_and_scores_batched(tmp_path):
     assert p[test.safe > 0].mean() > p[test.safe == 0].mean() + 0.2
     entry = trained.manifest_entry()
     assert entry["file"] == "verifier.onnx" and 0 <= entry["threshold"] <= 1
+    # it separates the classes on held-out episodes, so it earns its veto
+    assert trained.metrics["calib_auc_low"] >= 0.7 and entry["veto"] and not entry["veto_withheld"]
+    assert trained.threshold > 0
 
 
 def test_a_scorer_that_learned_nothing_vetoes_nothing():
@@ -82,3 +86,44 @@ def test_a_scorer_that_learned_nothing_vetoes_nothing():
     assert trained.threshold <= 0.5
     p, _ = predict(trained.model, _synthetic(200, seed=4))
     assert (p < trained.threshold).mean() < 0.05
+
+
+def test_auc_counts_ranked_pairs_and_ties():
+    assert auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == 0.5
+    assert auc([0.1, 0.6, 0.4, 0.9], [False, False, True, True]) == 0.75
+    assert np.isnan(auc([0.1, 0.2], [True, True]))
+
+
+def test_a_veto_needs_held_out_evidence():
+    cfg = ScorerTrainConfig(min_unsafe_episodes=3, min_auc=0.7)
+    # 12 episodes of 10 chunks; episodes 0-5 end in 3 unsafe chunks the logit ranks low
+    episode = np.repeat(np.arange(12), 10)
+    safe = np.ones(120)
+    for e in range(6):
+        safe[e * 10 + 7:e * 10 + 10] = 0
+    good = np.where(safe > 0, 2.0, -2.0) + np.random.default_rng(0).normal(0, 0.1, 120)
+    a, low, why = veto_evidence(good, safe, episode, cfg)
+    assert a == 1.0 and low == 1.0 and why == ""
+    a, low, why = veto_evidence(-good, safe, episode, cfg)     # ranked the wrong way round
+    assert a == 0.0 and "below the 0.7" in why
+    two = episode < 8                                          # unsafe in 2 episodes only
+    safe2 = np.where(episode >= 2, 1.0, safe)
+    a, low, why = veto_evidence(good[two], safe2[two], episode[two], cfg)
+    assert "in 2 of 8 held-out episodes" in why
+    # right on the pooled chunks but by luck of one episode: the bootstrap bound says so
+    lucky = np.where(episode == 0, good, -good)
+    a, low, why = veto_evidence(lucky, safe, episode, cfg)
+    assert low < a and why
+
+
+def test_a_scorer_without_evidence_ships_advisory():
+    """Too few held-out episodes with unsafe chunks: it trains and scores, but vetoes nothing."""
+    d = _synthetic(60, seed=5)   # 6 episodes, 2 held out: about 6 unsafe chunks
+    trained = train_scorer(d, ScorerTrainConfig(epochs=3, min_unsafe_episodes=50))
+    assert trained.threshold == 0.0 and "at least 50" in trained.veto_withheld
+    entry = trained.manifest_entry()
+    assert entry["veto"] is False and entry["veto_withheld"] == trained.veto_withheld
+    p, _ = predict(trained.model, _synthetic(50, seed=6))
+    assert (p < trained.threshold).sum() == 0

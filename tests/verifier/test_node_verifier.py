@@ -47,6 +47,7 @@ def test_node_scores_k_candidates_per_chunk(tmp_path):
     assert v["mode"] == "resample" and v["chunks_checked"] > 0 and v["chunks_rejected"] == 0
     assert v["candidates"] == SchedulerConfig().k * v["chunks_checked"]
     assert v["chosen_p_safe_mean"] is not None and status["inference"]["chunks"] > 0
+    assert status["control"]["verifier_hold_ticks"] == 0
 
 
 def test_node_holds_for_a_bounded_time_when_no_candidate_passes(tmp_path):
@@ -59,6 +60,9 @@ def test_node_holds_for_a_bounded_time_when_no_candidate_passes(tmp_path):
     assert v["chunks_rejected"] > 0 and v["resample_rounds"] > 0
     assert v["veto_overrides"] > 0 and status["inference"]["chunks"] == v["veto_overrides"]
     assert v["chunks_rejected"] <= 2 * (v["veto_overrides"] + 1)  # max_held = 2 in a row
+    # those holds are the verifier's decisions, counted as such, not as inference stalls
+    c = status["control"]
+    assert c["verifier_hold_ticks"] > 0 and c["stall_ticks"] < c["verifier_hold_ticks"]
     sent = np.asarray(robot.sent)
     assert np.allclose(sent[:2, :3], 0.0)  # it held first
     assert np.abs(sent[:, :3]).max() > 0  # and then moved on an overridden chunk
