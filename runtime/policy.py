@@ -69,6 +69,11 @@ class PolicyRunner:
             raise ValueError(f"{self.artifact_dir}: manifest normalization has a std <= 0; "
                              f"re-export the artifact with positive std statistics")
         self.latency = {s: LatencyWindow(window) for s in STAGES + ("total",)}
+        # read once: feeds() runs for every chunk
+        self._cameras = [(c["name"], (int(c["height"]), int(c["width"]), int(c.get("channels", 3))))
+                         for c in m.cameras]
+        self._state_dim = int(m.inputs["state_dim"])
+        self._tokens: tuple[str, np.ndarray] | None = None  # the last instruction, tokenized
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -102,15 +107,12 @@ class PolicyRunner:
     def feeds(self, obs: Observation, prefix: np.ndarray | None = None,
               prefix_len: int = 0) -> dict[str, np.ndarray]:
         """The graph inputs for one observation; raises ValueError naming what is wrong."""
-        m = self.manifest
         feeds: dict[str, np.ndarray] = {}
-        for cam in m.cameras:
-            name = cam["name"]
+        for name, want in self._cameras:
             if name not in obs.images:
                 raise ValueError(f"observation has no image from camera {name!r} (has "
                                  f"{sorted(obs.images)}); the policy needs every manifest camera")
             img = np.asarray(obs.images[name])
-            want = (int(cam["height"]), int(cam["width"]), int(cam.get("channels", 3)))
             if img.shape != want:
                 raise ValueError(f"camera {name!r} image has shape {img.shape}, the policy "
                                  f"expects HxWxC {want}; fix the camera resolution")
@@ -118,14 +120,18 @@ class PolicyRunner:
                 raise ValueError(f"camera {name!r} image dtype is {img.dtype}, expected uint8")
             feeds[f"image_{name}"] = (img.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)
         state = np.asarray(obs.state, np.float32).reshape(-1)
-        if state.shape[0] != int(m.inputs["state_dim"]):
+        if state.shape[0] != self._state_dim:
             raise ValueError(f"observation state has {state.shape[0]} entries, the policy "
-                             f"expects state_dim {m.inputs['state_dim']}")
+                             f"expects state_dim {self._state_dim}")
         if not np.all(np.isfinite(state)):
             raise ValueError(f"observation state is not finite: {state.tolist()}; the robot's "
                              f"sensors returned NaN/inf")
         feeds["state"] = ((state - self._state_mean) / self._state_std)[None].astype(np.float32)
-        feeds["tokens"] = tokenize(obs.instruction, m.inputs["tokenizer"])[None]
+        cached = self._tokens
+        if cached is None or cached[0] != obs.instruction:  # it changes once per task, if ever
+            cached = self._tokens = (obs.instruction, tokenize(obs.instruction,
+                                                               self.manifest.inputs["tokenizer"])[None])
+        feeds["tokens"] = cached[1].copy()
         h, a = self.horizon, self.action_dim
         full = np.zeros((1, h, a), np.float32)
         n = int(prefix_len) if self.accepts_prefix else 0

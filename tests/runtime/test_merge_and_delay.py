@@ -126,3 +126,21 @@ def test_boundary_jerk_is_zero_for_smooth_motion_and_positive_at_a_jump():
     cmds[8:] = 2.0
     jerk = boundary_jerk(cmds, ids, 0.1, 0.01)
     assert len(jerk) == 2 and min(jerk) > 0
+
+
+def test_latency_window_quantiles_match_numpy_as_samples_come_and_go():
+    from runtime.status import LatencyWindow
+
+    rng = np.random.default_rng(0)
+    w = LatencyWindow(size=50)
+    assert w.quantile(0.95, default=0.123) == 0.123
+    seen = []
+    for x in np.r_[rng.exponential(0.01, 300), np.full(20, 0.005)]:  # ties included
+        w.add(x)
+        seen.append(float(x))
+        for q in (0.0, 0.5, 0.95, 1.0):
+            assert w.quantile(q) == pytest.approx(float(np.quantile(seen[-50:], q)), abs=1e-15)
+    w.add(float("nan"))  # ignored rather than poisoning every later quantile
+    assert len(w) == 50 and np.isfinite(w.quantile(0.99)) and w.count == 320
+    with pytest.raises(ValueError):
+        w.quantile(1.5)
