@@ -53,6 +53,9 @@ SCHEMA = pa.schema([
     ("actions", pa.list_(pa.float32())),  # [n, action_dim] flattened row-major
     ("action_dim", pa.int32()),
     ("offsets", pa.list_(pa.int32())),
+    # envelope interventions + verifier rejections of the chunk (the canary's safety measure);
+    # null in segments written before the column existed
+    ("interventions", pa.int32()),
     ("record", pa.binary()),
 ])
 _STATISTICS_COLUMNS = [n for n in SCHEMA.names
@@ -83,6 +86,18 @@ def build_table(rows: list[tuple], first_rowid: int) -> pa.Table:
         else:
             arrays.append(pa.array(cols[i], field.type))
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def conform(table: pa.Table, names: list[str] | None = None) -> pa.Table:
+    """``table`` with the columns ``names`` (default: all of SCHEMA) in that order; a column a
+    segment written by an older version lacks reads as nulls."""
+    names = SCHEMA.names if names is None else names
+    have = set(table.schema.names)
+    if all(n in have for n in names):
+        return table.select(names)
+    cols = [table.column(n) if n in have else pa.nulls(table.num_rows, SCHEMA.field(n).type)
+            for n in names]
+    return pa.Table.from_arrays(cols, schema=pa.schema([SCHEMA.field(n) for n in names]))
 
 
 def encode_frame(table: pa.Table) -> bytes:
@@ -158,7 +173,7 @@ def seal_to_parquet(directory: pathlib.Path, segment_id: int,
     points the catalog at it. A crash before that leaves an orphan the store removes on open.
     """
     src = directory / segment_name(segment_id, IPC_SUFFIX)
-    table = pa.concat_tables([read_frame(src, off, n) for off, n in frames])
+    table = pa.concat_tables([conform(read_frame(src, off, n)) for off, n in frames])
     dst = directory / segment_name(segment_id, PARQUET_SUFFIX)
     tmp = directory / f".{dst.name}.tmp"
     pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression=PARQUET_COMPRESSION,
@@ -180,4 +195,7 @@ def parquet_row_groups(path: pathlib.Path) -> list[int]:
 
 
 def read_row_group(path: pathlib.Path, index: int, columns: list[str] | None = None) -> pa.Table:
-    return pq.ParquetFile(path).read_row_group(index, columns=columns)
+    f = pq.ParquetFile(path)
+    have = set(f.schema_arrow.names)
+    wanted = SCHEMA.names if columns is None else columns
+    return conform(f.read_row_group(index, columns=[n for n in wanted if n in have]), wanted)

@@ -120,7 +120,7 @@ class SegmentReader:
         if table is None:
             if kind == "ipc":
                 path = self.segment_dir / seg.segment_name(sid, seg.IPC_SUFFIX)
-                table = seg.read_frame(path, b, c).select(names)
+                table = seg.conform(seg.read_frame(path, b, c), names)
             else:
                 path = self.segment_dir / seg.segment_name(sid, seg.PARQUET_SUFFIX)
                 table = seg.read_row_group(path, a, names)

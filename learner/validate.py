@@ -74,7 +74,8 @@ def _tensor_error(name: str, t: pb.Tensor, expected: str) -> None:
 ROW_FIELDS = ("robot_id", "episode_id", "seq", "policy_version", "weight_sha256", "task",
               "instruction", "timestamp", "start_tick", "reward", "terminated", "truncated",
               "success", "human_intervention", "behaviour_log_prob", "prefix_len",
-              "underrun_ticks", "state", "actions", "action_dim", "offsets", "record")
+              "underrun_ticks", "state", "actions", "action_dim", "offsets", "interventions",
+              "record")
 
 
 def _check_structure(r: pb.ChunkRecord, floats: list) -> tuple:
@@ -154,10 +155,12 @@ def _check_structure(r: pb.ChunkRecord, floats: list) -> tuple:
                              f"chunk of {p_shape[0]} rows")
     elif prefix_len != 0:
         raise ValueError(f"prefix_len {prefix_len} without a prefix tensor")
+    verifier = r.verifier
     return (robot_id, episode_id, seq, r.policy_version, r.weight_sha256, task, instruction,
             timestamp, r.start_tick, reward, r.terminated, r.truncated, r.success,
             r.human_intervention, log_prob, prefix_len, r.underrun_ticks, _f32(s_dtype, s_data),
-            _f32(a_dtype, a_data), a_dim, offsets, r.SerializeToString(deterministic=True))
+            _f32(a_dtype, a_data), a_dim, offsets, verifier.actions_clamped + verifier.rejected,
+            r.SerializeToString(deterministic=True))
 
 
 def _all_finite(floats: list) -> bool:

@@ -228,3 +228,25 @@ def test_one_robot_is_its_own_canary_and_min_version_never_exceeds_the_assignmen
     assert (b.version, b.stage, b.min_version) == (1, "stable", 1)
     with pytest.raises(ValueError, match="--canary-fraction"):
         CanaryConfig(fraction=1.5)
+
+
+def test_measuring_from_the_stores_columns_matches_the_records(tmp_path):
+    """``poll_store`` reads typed columns (no record parsing); it must see what the records say:
+    episodes, successes and interventions per version, in store order, across polls."""
+    store = ExperienceStore(tmp_path / "experience")
+    recs = (_records("x", 1, [True, False, True]) + _records("y", 2, [False, True], clamped=3)
+            + _records("y", 2, [True], clamped=1, start=5))
+    recs[1].verifier.rejected = 2
+    for i, r in enumerate(recs):
+        store.append(pb.ExperienceBatch(robot_id=r.robot_id, batch_seq=i + 1, records=[r]))
+    from_store = RolloutController(_Registry(tmp_path), store, CanaryConfig(fraction=0.5))
+    assert from_store.poll_store(limit=4) == 4 and from_store.poll_store(limit=4) == 2
+    assert from_store.poll_store() == 0
+    direct = RolloutController(_Registry(tmp_path), None, CanaryConfig(fraction=0.5))
+    direct.observe(recs)
+    for v in (1, 2):
+        a, b = from_store._stats[v], direct._stats[v]
+        assert (a.chunks, a.interventions, a.episodes, a.successes) == \
+               (b.chunks, b.interventions, b.episodes, b.successes)
+    assert from_store._stats[2].interventions == 3 + 3 + 1 and from_store._stats[1].interventions == 2
+    store.close()

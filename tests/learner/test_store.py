@@ -2,11 +2,13 @@
 validation, recovery from torn tails and orphan segments, sealing, concurrent appenders."""
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -212,3 +214,45 @@ def test_full_segments_are_sealed_into_parquet_and_read_the_same(tmp_path):
     reopened = ExperienceStore(tmp_path / "store")
     assert reopened.read(0, 1000) == before
     reopened.close()
+
+
+def test_segments_written_before_a_column_existed_read_it_as_null_and_seal(tmp_path):
+    """A store written by an older Tether (no ``interventions`` column) keeps working: its
+    frames read the new column as null, new frames carry it, and sealing a segment that mixes
+    both writes one Parquet schema."""
+    store = ExperienceStore(tmp_path / "store", segment_bytes=1 << 30)
+    store.append(batch(_records(3)))
+    store.close()
+    [active] = list((tmp_path / "store" / "segments").glob("*.arrows"))
+    # rewrite the committed frame as the older version wrote it (the catalog says where each
+    # frame is, so fix its length there)
+    old_table = segments.decode_frame(active.read_bytes()).drop_columns(["interventions"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, old_table.schema) as w:
+        w.write_table(old_table)
+    old_frame = sink.getvalue().to_pybytes()
+    active.write_bytes(old_frame)
+    db = sqlite3.connect(tmp_path / "store" / "catalog.sqlite")
+    db.execute("UPDATE frames SET length=?", (len(old_frame),))
+    db.execute("UPDATE segments SET bytes=?", (len(old_frame),))
+    db.commit()
+    db.close()
+    store = ExperienceStore(tmp_path / "store", segment_bytes=1 << 30)
+    newer = _records(2, first=3)
+    for r in newer:
+        r.verifier.actions_clamped = 2
+    store.append(batch(newer, seq=2))
+    [t] = list(store.scan(["seq", "interventions"]))
+    assert t.column("seq").to_pylist() == [0, 1, 2, 3, 4]
+    assert t.column("interventions").to_pylist() == [None, None, None, 2, 2]
+    assert [r.seq for _, r in store.read(0, 10)] == [0, 1, 2, 3, 4]
+    store.close()
+    sid = int(active.name.split("-")[1].split(".")[0])
+    frames = [(0, len(old_frame)), (len(old_frame), active.stat().st_size - len(old_frame))]
+    path, _ = segments.seal_to_parquet(tmp_path / "store" / "segments", sid, frames)
+    assert pq.read_table(path).schema.equals(segments.SCHEMA)
+    assert pq.read_table(path).column("interventions").to_pylist() == [None, None, None, 2, 2]
+    # and a Parquet segment written before the column existed reads it as null
+    pq.write_table(pq.read_table(path).drop_columns(["interventions"]), path)
+    assert segments.read_row_group(path, 0, ["seq", "interventions"]).to_pydict() == {
+        "seq": [0, 1, 2, 3, 4], "interventions": [None] * 5}
