@@ -128,13 +128,15 @@ def client_main(argv) -> int:
     results = [{"robot": r} for r in robots]
     threads = [threading.Thread(target=_run_stream, args=(args.addr, b, stop_at, res))
                for b, res in zip(batches, results)]
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cpu = time.process_time() - cpu0
     for res in results:
         res["elapsed"] = res.pop("last_ack", t0) - t0
+        res["client_cpu_s"] = cpu / len(results)  # the process's CPU, shared among its streams
     print(json.dumps(results), flush=True)
     return 0
 
@@ -266,6 +268,8 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
         "learner_cpu_us_per_transition": (round((cpu1 - cpu0) / acked_records * 1e6, 1)
                                           if cpu0 is not None and cpu1 is not None
                                           and acked_records else None),
+        # the clients share the machine: what they burn the learner cannot have
+        "client_cores": round(sum(r["client_cpu_s"] for r in results) / elapsed, 2),
         "records_per_batch": records_per_batch, "client_processes": len(groups),
         "client_window": CLIENT_WINDOW, "cpus": os.cpu_count(),
         "prebuilt_exhausted": any(r["exhausted"] for r in results), "errors": errors,
