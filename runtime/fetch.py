@@ -194,13 +194,14 @@ class ArtifactFetcher:
         with open(path, "ab") as out:
             try:
                 for chunk in call:
-                    if chunk.offset != pos or pos + len(chunk.data) > f.size:
+                    data = chunk.data  # each read of a bytes field is a copy
+                    if chunk.offset != pos or pos + len(data) > f.size:
                         raise Refused(f"learner sent bytes [{chunk.offset}, "
-                                      f"{chunk.offset + len(chunk.data)}) of {f.name} when "
+                                      f"{chunk.offset + len(data)}) of {f.name} when "
                                       f"{pos} of {f.size} were expected")
-                    out.write(chunk.data)
-                    digest.update(chunk.data)
-                    pos += len(chunk.data)
+                    out.write(data)
+                    digest.update(data)
+                    pos += len(data)
                     if chunk.last:
                         break
                     if self.superseded(version):
