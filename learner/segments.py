@@ -61,11 +61,6 @@ SCHEMA = pa.schema([
 _STATISTICS_COLUMNS = [n for n in SCHEMA.names
                        if n not in ("state", "actions", "offsets", "record")]
 assert tuple(SCHEMA.names[1:]) == ROW_FIELDS, "segment schema and validated rows disagree"
-KEY_ROBOT, KEY_EPISODE, KEY_SEQ, KEY_VERSION = 0, 1, 2, 3
-KEY_TASK = ROW_FIELDS.index("task")
-KEY_SUCCESS = ROW_FIELDS.index("success")
-KEY_TERMINATED = ROW_FIELDS.index("terminated")
-KEY_TRUNCATED = ROW_FIELDS.index("truncated")
 
 
 def _float_lists(chunks: list[bytes]) -> pa.Array:

@@ -26,6 +26,7 @@ import time
 from learner import distributed
 from learner.auth import add_tls_arguments, tls_from_args
 from learner.canary import CanaryConfig, RolloutController
+from learner.ingest_pool import ValidatorPool, ValidatorUnavailable, default_workers
 from learner.registry import Registry
 from learner.signing import PRIVATE_NAME, SigningKey, load_or_create
 from learner.service import serve
@@ -60,6 +61,9 @@ def parse_args(argv):
                    help="retrain the verifier's chunk scorer and ship it with every N-th published "
                         "version (0: never; robots then run the envelope and shape checks only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ingest-workers", type=int, default=default_workers(),
+                   help="processes that validate incoming experience (default: one per two "
+                        "cores, 1..4); 0 validates in the learner's own threads")
     p.add_argument("--no-train", action="store_true", help="ingest and serve only")
     p.add_argument("--log-level", default="INFO")
     distributed.add_arguments(p)
@@ -109,7 +113,21 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"tether learner: {e}", file=sys.stderr)
         return 2
-    store = ExperienceStore(data / "experience", readonly=False)
+    if args.ingest_workers < 0:
+        print(f"tether learner: --ingest-workers must be >= 0, got {args.ingest_workers}",
+              file=sys.stderr)
+        return 2
+    try:
+        validators = ValidatorPool(args.ingest_workers) if args.ingest_workers else None
+    except ValidatorUnavailable as e:
+        print(f"tether learner: {e}", file=sys.stderr)
+        return 2
+    try:
+        store = ExperienceStore(data / "experience", readonly=False, validators=validators)
+    except BaseException:
+        if validators is not None:
+            validators.close()
+        raise
     try:
         canary = CanaryConfig(fraction=args.canary_fraction, episodes=args.canary_episodes)
         key_path = pathlib.Path(args.signing_key) if args.signing_key else data / PRIVATE_NAME

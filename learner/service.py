@@ -14,7 +14,7 @@ from learner.auth import FleetAuth, ServerTls
 from learner.canary import CanaryConfig, RolloutController
 from learner.registry import Registry
 from learner.store import ExperienceStore
-from learner.wire_guard import WireGuard
+from learner.wire_guard import WireGuard, unwrap
 from runtime.artifact import MANIFEST, load_manifest
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
@@ -43,8 +43,9 @@ class LearnerService(pb_grpc.LearnerServicer):
         self.rollout = rollout or RolloutController(registry, store, CanaryConfig(fraction=0.0))
 
     def PushExperience(self, request: pb.ExperienceBatch, context) -> pb.Ack:
+        request, raw = unwrap(request)
         try:
-            stored, duplicates = self.store.append(request)
+            stored, duplicates = self.store.append(request, raw)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"batch {request.batch_seq} from {request.robot_id!r} refused, nothing "
@@ -107,8 +108,9 @@ class LearnerService(pb_grpc.LearnerServicer):
 
         try:
             for batch in requests:
+                batch, raw = unwrap(batch)
                 try:
-                    item = (batch.batch_seq, batch.robot_id, self.store.submit(batch), None)
+                    item = (batch.batch_seq, batch.robot_id, self.store.submit(batch, raw), None)
                 except (ValueError, sqlite3.Error, OSError) as e:
                     put((batch.batch_seq, batch.robot_id, None, e))
                     return  # stop reading: the handler ends the stream at this batch

@@ -6,8 +6,9 @@ Layout under ``path`` (a directory)::
     segments/           seg-NNNNNNNN.arrows (active/unsealed frames), seg-NNNNNNNN.parquet (sealed)
     LOCK                held (flock) by the one process that writes
 
-``append``/``submit`` validate a batch whole (``learner.validate``) in the caller's thread, then
-hand it to one writer thread that coalesces everything queued into a single group commit: one
+``append``/``submit`` validate a batch whole (``learner.validate``), in the caller's thread or,
+given a ``ValidatorPool`` and the batch's bytes, in child processes (``learner.ingest_pool``),
+as a table of the segment's columns, then hand it to one writer thread that coalesces everything queued into a single group commit: one
 Arrow IPC frame appended to the active segment and fsynced, then one catalog transaction (the
 acknowledgement point). Each caller is released after that commit, so an acknowledged batch
 survives kill -9. Segment bytes the catalog does not reference (a crash between the fsync and
@@ -31,6 +32,7 @@ import threading
 import time
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from learner import catalog, segments as seg
@@ -57,10 +59,11 @@ class PendingAppend:
     A held lock, released when done, is the cheapest completion CPython has (an Event builds a
     Condition per batch), and ingest makes hundreds of these a second."""
 
-    __slots__ = ("rows", "_lock", "_result", "_error")
+    __slots__ = ("table", "n", "_lock", "_result", "_error")
 
-    def __init__(self, rows: list[tuple]):
-        self.rows = rows
+    def __init__(self, table: pa.Table | None):
+        self.table = table  # the batch's rows (segments.SCHEMA), rowids set at the commit
+        self.n = 0 if table is None else table.num_rows
         self._lock = threading.Lock()
         self._lock.acquire()
         self._result: tuple[int, int] | None = None
@@ -68,7 +71,7 @@ class PendingAppend:
 
     def _finish(self, result=None, error=None) -> None:
         self._result, self._error = result, error
-        self.rows = []
+        self.table = None
         self._lock.release()
 
     def done(self) -> bool:
@@ -83,21 +86,27 @@ class PendingAppend:
         return self._result
 
 
-def _aggregate(rows: list[tuple], first_rowid: int):
-    """Catalog updates for rows stored with rowids from ``first_rowid``: per episode (values
+_AGGREGATED = ("robot_id", "episode_id", "seq", "policy_version", "task", "success",
+               "terminated", "truncated")
+_SEQ, _VERSION, _TASK, _SUCCESS, _TERMINATED, _TRUNCATED = range(2, 8)
+
+
+def _aggregate(table: pa.Table, first_rowid: int):
+    """Catalog updates for a table stored with rowids from ``first_rowid``: per episode (values
     for ``catalog.upsert_episode`` after the key, and the seqs), per episode version, per robot."""
+    rows = list(zip(*(table.column(c).to_pylist() for c in _AGGREGATED)))
     index: dict[tuple[str, str], list[int]] = {}
     for i, row in enumerate(rows):
         index.setdefault((row[0], row[1]), []).append(i)
     episodes, versions, robots = {}, {}, {}
     for key, idx in index.items():
         ep = [rows[i] for i in idx]
-        seqs = [r[seg.KEY_SEQ] for r in ep]
-        vers = [r[seg.KEY_VERSION] for r in ep]
-        episodes[key] = ((ep[0][seg.KEY_TASK], min(seqs), max(seqs), len(ep),
-                          int(any(r[seg.KEY_SUCCESS] for r in ep)),
-                          int(any(r[seg.KEY_TERMINATED] for r in ep)),
-                          int(any(r[seg.KEY_TRUNCATED] for r in ep)), min(vers), max(vers),
+        seqs = [r[_SEQ] for r in ep]
+        vers = [r[_VERSION] for r in ep]
+        episodes[key] = ((ep[0][_TASK], min(seqs), max(seqs), len(ep),
+                          int(any(r[_SUCCESS] for r in ep)),
+                          int(any(r[_TERMINATED] for r in ep)),
+                          int(any(r[_TRUNCATED] for r in ep)), min(vers), max(vers),
                           first_rowid + idx[0], first_rowid + idx[-1]), seqs)
         for v, s in zip(vers, seqs):
             agg = versions.get((*key, v))
@@ -114,8 +123,11 @@ class ExperienceStore:
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool | None = None,
                  segment_bytes: int = SEGMENT_BYTES, max_group_records: int = MAX_GROUP_RECORDS,
-                 max_queued_records: int = MAX_QUEUED_RECORDS):
+                 max_queued_records: int = MAX_QUEUED_RECORDS, validators=None):
+        """``validators``: a ``learner.ingest_pool.ValidatorPool`` for ``submit(batch, raw)``;
+        the store closes it."""
         self.path = pathlib.Path(path)
+        self.validators = validators
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file; the experience store is a directory (the "
                              f"single-file SQLite store of earlier versions is not read)")
@@ -200,12 +212,19 @@ class ExperienceStore:
         self._episode_ids.clear()
 
     # -- writing -------------------------------------------------------------------------------
-    def submit(self, batch: pb.ExperienceBatch) -> PendingAppend:
+    def submit(self, batch: pb.ExperienceBatch, raw: bytes | None = None) -> PendingAppend:
         """Validate (ValueError naming the record, nothing stored) and queue for the writer.
 
+        ``raw``: the batch's serialized bytes, as received; with a validator pool (learner/
+        ingest_pool.py) they are checked in a child process, else here, in the caller's thread.
         Blocks while the writer has ``max_queued_records`` waiting: that is the backpressure."""
-        pending = PendingAppend(validate_batch(batch))
-        n = len(pending.rows)
+        if raw is not None and self.validators is not None:
+            table = self.validators.validate(raw, batch.robot_id, len(batch.records))
+        else:
+            rows = validate_batch(batch)
+            table = seg.build_table(rows, 0) if rows else None
+        pending = PendingAppend(table)
+        n = pending.n
         if n == 0:
             pending._finish(result=(0, 0))
             return pending
@@ -220,9 +239,9 @@ class ExperienceStore:
             self._cond.notify_all()
         return pending
 
-    def append(self, batch: pb.ExperienceBatch) -> tuple[int, int]:
+    def append(self, batch: pb.ExperienceBatch, raw: bytes | None = None) -> tuple[int, int]:
         """Validate, store durably, return (stored, duplicates) after the catalog commit."""
-        return self.submit(batch).wait()
+        return self.submit(batch, raw).wait()
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -242,10 +261,10 @@ class ExperienceStore:
                     return
                 group, n = [], 0
                 while self._queue and (not group or
-                                       n + len(self._queue[0].rows) <= self.max_group_records):
+                                       n + self._queue[0].n <= self.max_group_records):
                     item = self._queue.popleft()
                     group.append(item)
-                    n += len(item.rows)
+                    n += item.n
                 self._queued_records -= n
                 self._cond.notify_all()
             try:
@@ -290,41 +309,48 @@ class ExperienceStore:
 
     def _commit(self, group: list[PendingAppend]) -> list[tuple[int, int]]:
         db = self._wdb
+        keys = [list(zip(*(item.table.column(c).to_pylist()
+                           for c in ("robot_id", "episode_id", "seq")))) for item in group]
         seqs: dict[tuple[str, str], list[int]] = {}
-        for item in group:
-            for row in item.rows:
-                seqs.setdefault((row[0], row[1]), []).append(row[2])
+        for item_keys in keys:
+            for robot, episode, s in item_keys:
+                seqs.setdefault((robot, episode), []).append(s)
         stored_before = {}
         for key, s in seqs.items():
             pk = self._episode_key(*key)
             stored_before[key] = (catalog.stored_seqs(db, pk, min(s), max(s)) if pk is not None
                                   else set())
-        new_rows, results, seen = [], [], set()
-        for item in group:
-            stored = 0
-            for row in item.rows:
-                k = (row[0], row[1], row[2])
-                if k in seen or row[2] in stored_before[(row[0], row[1])]:
-                    continue
-                seen.add(k)
-                new_rows.append(row)
-                stored += 1
-            results.append((stored, len(item.rows) - stored))
-        if new_rows:
-            self._write(new_rows)
+        tables, results, seen = [], [], set()
+        for item, item_keys in zip(group, keys):
+            keep = []
+            for k in item_keys:
+                new = k not in seen and k[2] not in stored_before[(k[0], k[1])]
+                if new:
+                    seen.add(k)
+                keep.append(new)
+            stored = sum(keep)
+            if stored == item.n:
+                tables.append(item.table)
+            elif stored:
+                tables.append(item.table.filter(pa.array(keep)))
+            results.append((stored, item.n - stored))
+        if tables:
+            self._write(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
         self.duplicates_dropped += sum(d for _, d in results)
         return results
 
-    def _write(self, rows: list[tuple]) -> None:
-        db, first, n = self._wdb, self._next_rowid, len(rows)
-        frame = seg.encode_frame(seg.build_table(rows, first))
+    def _write(self, table: pa.Table) -> None:
+        db, first, n = self._wdb, self._next_rowid, table.num_rows
+        table = table.set_column(0, seg.SCHEMA.field(0), pa.array(
+            np.arange(first, first + n, dtype=np.int64)))
+        frame = seg.encode_frame(table)
         old = self._active
         roll = old is None or (old.end > 0 and old.end + len(frame) > self.segment_bytes)
         target = (seg.ActiveSegment(self.segment_dir, self._next_segment_id, 0, create=True)
                   if roll else old)
         try:
             offset = target.write(frame)
-            episodes, versions, robots = _aggregate(rows, first)
+            episodes, versions, robots = _aggregate(table, first)
             with catalog.Transaction(db):
                 if roll:
                     if old is not None:
@@ -447,3 +473,5 @@ class ExperienceStore:
             self._wdb.close()
         self._reader.close()
         os.close(self._lock_fd)
+        if self.validators is not None:
+            self.validators.close()

@@ -60,6 +60,36 @@ class Malformed:
         self.error, self.size = error, size
 
 
+class Received:
+    """An experience batch as parsed, with the bytes it came in (``raw``): the store's validator
+    children (learner/ingest_pool.py) take those bytes instead of a re-serialized copy.
+    Attribute reads go to the parsed message."""
+    __slots__ = ("message", "raw")
+
+    def __init__(self, message, raw: bytes):
+        self.message, self.raw = message, raw
+
+    def __getattr__(self, name):
+        return getattr(self.message, name)
+
+
+def unwrap(request) -> tuple:
+    """(message, raw bytes or None) of a request this guard passed on."""
+    if isinstance(request, Received):
+        return request.message, request.raw
+    return request, None
+
+
+# methods whose request keeps its bytes (``Received``)
+_KEEP_RAW = ("/PushExperience", "/StreamExperience")
+
+
+def _keeping_raw(parse):
+    def deserialize(data: bytes):
+        return Received(parse(data), data)
+    return deserialize
+
+
 class _MalformedInStream(Exception):
     """Raised by the stream's request iterator; the guard ends the call with it."""
 
@@ -105,9 +135,11 @@ class WireGuard(grpc.ServerInterceptor):
         else:
             kind = "unary_stream" if handler.response_streaming else "unary_unary"
             wrap = self._unary_stream if handler.response_streaming else self._unary
+        parse = handler.request_deserializer
+        if method.endswith(_KEEP_RAW):
+            parse = _keeping_raw(parse)
         return getattr(grpc, f"{kind}_rpc_method_handler")(
-            wrap(getattr(handler, kind), method), _lenient(handler.request_deserializer),
-            handler.response_serializer)
+            wrap(getattr(handler, kind), method), _lenient(parse), handler.response_serializer)
 
     def _refuse(self, context, message: str):
         self.refused += 1

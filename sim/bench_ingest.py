@@ -157,12 +157,13 @@ def _init_artifact(root: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def start_learner(data: pathlib.Path, artifact: pathlib.Path,
-                  addr: str = "127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+def start_learner(data: pathlib.Path, artifact: pathlib.Path, addr: str = "127.0.0.1:0",
+                  ingest_workers: int | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tether.cli", "learner", "--data", str(data), "--addr", addr,
          "--no-train", "--init-artifact", str(artifact), "--log-level", "WARNING",
-         "--insecure"],  # loopback only: the bench measures storage, not TLS
+         "--insecure"]  # loopback only: the bench measures storage, not TLS
+        + ([] if ingest_workers is None else ["--ingest-workers", str(ingest_workers)]),
         stdout=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
     line = proc.stdout.readline()
     if not line.startswith("learner listening on "):
@@ -177,6 +178,16 @@ def _cpu_seconds(pid: int) -> float | None:
     try:
         fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy so far (Linux /proc/stat), for the machine's load."""
+    try:
+        fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0]
+                  .split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait
     except (OSError, ValueError, IndexError):
         return None
 
@@ -200,7 +211,8 @@ def _read_back(store_dir: pathlib.Path) -> tuple[int, dict[str, np.ndarray]]:
 
 
 def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int = 64,
-               work_dir=None, client_processes: int = 4) -> dict:
+               work_dir=None, client_processes: int = 4,
+               ingest_workers: int | None = None) -> dict:
     """Measure durable ingest; see the module docstring. Returns the ``ingest`` JSON block."""
     if streams < 1 or seconds <= 0 or records_per_batch < 1:
         raise ValueError(f"run_ingest needs streams >= 1, seconds > 0, records_per_batch >= 1; "
@@ -209,7 +221,7 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
     root.mkdir(parents=True, exist_ok=True)
     data = root / "learner"
     shutil.rmtree(data, ignore_errors=True)
-    learner, addr = start_learner(data, _init_artifact(root))
+    learner, addr = start_learner(data, _init_artifact(root), ingest_workers=ingest_workers)
     n_batches = int(PREBUILT_RATE * seconds / streams / records_per_batch) + CLIENT_WINDOW
     robots = [f"bench-{i:02d}" for i in range(streams)]
     groups = [robots[i::client_processes] for i in range(min(client_processes, streams))]
@@ -227,12 +239,12 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
             c.stdin.write(f"{start} {seconds}\n")
             c.stdin.flush()
         time.sleep(max(0.0, start - time.time()))
-        cpu0, wall0 = _cpu_seconds(learner.pid), time.monotonic()
+        cpu0, busy0, wall0 = _cpu_seconds(learner.pid), _machine_busy_seconds(), time.monotonic()
         results = []
         for c in clients:
             out, _ = c.communicate(timeout=seconds + 120)
             results += json.loads(out.strip().splitlines()[-1])
-        cpu1, wall1 = _cpu_seconds(learner.pid), time.monotonic()
+        cpu1, busy1, wall1 = _cpu_seconds(learner.pid), _machine_busy_seconds(), time.monotonic()
     finally:
         for c in clients:
             if c.poll() is None:
@@ -269,7 +281,10 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
                                           if cpu0 is not None and cpu1 is not None
                                           and acked_records else None),
         # the clients share the machine: what they burn the learner cannot have
+        "machine_busy_cores": (round((busy1 - busy0) / (wall1 - wall0), 2)
+                               if busy0 is not None and busy1 is not None else None),
         "client_cores": round(sum(r["client_cpu_s"] for r in results) / elapsed, 2),
+        "ingest_workers": ingest_workers if ingest_workers is not None else "default",
         "records_per_batch": records_per_batch, "client_processes": len(groups),
         "client_window": CLIENT_WINDOW, "cpus": os.cpu_count(),
         "prebuilt_exhausted": any(r["exhausted"] for r in results), "errors": errors,
@@ -286,11 +301,13 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--records-per-batch", type=int, default=64)
     p.add_argument("--client-processes", type=int, default=4)
+    p.add_argument("--ingest-workers", type=int, default=None,
+                   help="the learner's --ingest-workers (default: its own default)")
     p.add_argument("--work-dir", help="where the learner's data goes (default: a temp dir)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     result = run_ingest(args.streams, args.seconds, args.records_per_batch, args.work_dir,
-                        args.client_processes)
+                        args.client_processes, args.ingest_workers)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

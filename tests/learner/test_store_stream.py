@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from learner.ingest_pool import ValidatorPool
 from learner.registry import Registry
 from learner.service import serve
 from learner.store import ExperienceStore
@@ -12,9 +13,11 @@ from runtime.stream import ExperienceClient
 from tests.learner.helpers import simple_record
 
 
-@pytest.fixture
-def learner(tmp_path):
-    store = ExperienceStore(tmp_path / "experience")
+@pytest.fixture(params=[0, 2], ids=["in-process", "validator-children"])
+def learner(request, tmp_path):
+    # the same stream checked in the learner's threads and in ingest validator children
+    pool = ValidatorPool(request.param) if request.param else None
+    store = ExperienceStore(tmp_path / "experience", validators=pool)
     registry = Registry(tmp_path / "registry")
     server, port = serve("127.0.0.1:0", store, registry, stream_window=2)
     yield store, f"127.0.0.1:{port}"
