@@ -173,11 +173,16 @@ def start_learner(data: pathlib.Path, artifact: pathlib.Path, addr: str = "127.0
     return proc, line.split()[-1]
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far (Linux), for CPU per transition."""
+def _cpu_seconds(pid: int, children: bool = False) -> float | None:
+    """User + system CPU time of a process so far (Linux), for CPU per transition; with
+    ``children``, plus that of its live child processes (the ingest validators)."""
     try:
         fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if children:
+            for kids in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+                total += sum(_cpu_seconds(int(k)) or 0.0 for k in kids.read_text().split())
+        return total
     except (OSError, ValueError, IndexError):
         return None
 
@@ -239,12 +244,14 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
             c.stdin.write(f"{start} {seconds}\n")
             c.stdin.flush()
         time.sleep(max(0.0, start - time.time()))
-        cpu0, busy0, wall0 = _cpu_seconds(learner.pid), _machine_busy_seconds(), time.monotonic()
+        cpu0, busy0, wall0 = (_cpu_seconds(learner.pid, children=True), _machine_busy_seconds(),
+                              time.monotonic())
         results = []
         for c in clients:
             out, _ = c.communicate(timeout=seconds + 120)
             results += json.loads(out.strip().splitlines()[-1])
-        cpu1, busy1, wall1 = _cpu_seconds(learner.pid), _machine_busy_seconds(), time.monotonic()
+        cpu1, busy1, wall1 = (_cpu_seconds(learner.pid, children=True), _machine_busy_seconds(),
+                              time.monotonic())
     finally:
         for c in clients:
             if c.poll() is None:
@@ -275,6 +282,7 @@ def run_ingest(streams: int = 16, seconds: float = 20.0, records_per_batch: int 
         "lost": lost, "duplicated": duplicated,
         "records_sent": sum(r["sent"] for r in results) * records_per_batch,
         "records_acked": acked_records, "records_stored": rows, "seconds": round(elapsed, 2),
+        # the learner process and its ingest validator children
         "learner_cores": (round((cpu1 - cpu0) / (wall1 - wall0), 2)
                           if cpu0 is not None and cpu1 is not None else None),
         "learner_cpu_us_per_transition": (round((cpu1 - cpu0) / acked_records * 1e6, 1)
