@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow as pa
 
@@ -87,9 +88,10 @@ def worker_main() -> int:
 class _Call:
     """One batch sent to a child; ``wait`` returns (status, payload). A held lock is the
     cheapest completion CPython has."""
-    __slots__ = ("_lock", "result", "error")
+    __slots__ = ("_lock", "result", "error", "sent_at")
 
     def __init__(self):
+        self.sent_at = time.monotonic()
         self._lock = threading.Lock()
         self._lock.acquire()
         self.result: tuple[int, bytes] | None = None
@@ -121,6 +123,7 @@ class _Worker:
         self.pending: collections.deque[_Call] = collections.deque()
         self.dead: str | None = None
         self.killed = False  # by us (it hung or lied): replaced at once, whatever it still says
+        self.killed_why: str | None = None
         self._send_lock = threading.Lock()
 
     def start(self, timeout: float) -> "_Worker":
@@ -170,11 +173,12 @@ class _Worker:
         self.kill()
         code = self.proc.wait()
         with self._send_lock:
-            self.dead = f"{why}, exit status {code}"
+            self.dead = f"{self.killed_why or why}, exit status {code}"
             while self.pending:
                 self.pending.popleft().finish(error=self.dead)
 
-    def kill(self) -> None:
+    def kill(self, why: str | None = None) -> None:
+        self.killed_why = self.killed_why or why
         self.killed = True
         if self.proc.poll() is None:
             self.proc.kill()
@@ -209,6 +213,26 @@ class ValidatorPool:
             for w in started:
                 w.kill()
             raise
+        self._stop = threading.Event()
+        threading.Thread(target=self._watchdog, name="ingest-validator-watchdog",
+                         daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Kill a child whose oldest batch waits past the timeout: a hung child (or one that
+        stopped reading, leaving a sender blocked on its full pipe) fails what it holds, and the
+        next batch starts a new one."""
+        period = min(1.0, self.answer_timeout_s / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            for w in list(self._all):
+                try:
+                    oldest = w.pending[0].sent_at
+                except IndexError:
+                    continue
+                if now - oldest > self.answer_timeout_s and not w.killed:
+                    log.error("ingest validator %d: no answer in %.0f s; killing it",
+                              w.index, self.answer_timeout_s)
+                    w.kill(f"no answer in {self.answer_timeout_s:.0f} s")
 
     def _pick(self) -> _Worker:
         with self._lock:
@@ -227,9 +251,11 @@ class ValidatorPool:
         from learner import segments as seg
 
         worker = self._pick()
-        answer = worker.send(raw).wait(self.answer_timeout_s)
+        # the watchdog kills a child that hangs (its answer thread then fails this call); the
+        # wait's own limit is a backstop
+        answer = worker.send(raw).wait(self.answer_timeout_s + 5.0)
         if answer is None:
-            worker.kill()  # hung: its answer thread fails what it holds; replaced next time
+            worker.kill(f"no answer in {self.answer_timeout_s:.0f} s")
             raise ValidatorUnavailable(f"the ingest validator did not answer within "
                                        f"{self.answer_timeout_s:.0f} s; it was replaced, nothing "
                                        f"was stored, resend")
@@ -244,7 +270,7 @@ class ValidatorPool:
         if (table.schema != seg.SCHEMA or table.num_rows != n_records or
                 # (a list count: a pyarrow.compute call costs ~50 us of Python per batch)
                 table.column("robot_id").to_pylist().count(robot_id) != n_records):
-            worker.kill()
+            worker.kill("it answered rows that do not fit the batch")
             raise ValidatorUnavailable(
                 f"the ingest validator answered {table.num_rows} rows of schema "
                 f"{table.schema.names[:4]}... for a batch of {n_records} records from "
@@ -254,6 +280,7 @@ class ValidatorPool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        self._stop.set()
         for w in self._all:
             w.close()
 
