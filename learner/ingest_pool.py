@@ -15,6 +15,7 @@ little-endian length, answers start with one status byte. The parent checks ever
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
 import pathlib
@@ -52,8 +53,21 @@ def _read_exact(f, n: int) -> bytes | None:
 
 
 def _answer(out, status: int, payload: bytes) -> None:
-    out.write(bytes([status]) + _LEN.pack(len(payload)) + payload)
+    out.write(bytes([status]) + _LEN.pack(len(payload)))
+    out.write(payload)  # not joined to the header: that copied every answer once more
     out.flush()
+
+
+PIPE_BYTES = 1 << 20
+
+
+def _widen(fd: int) -> None:
+    """Pipes of 1 MiB (Linux; 64 KiB by default): a batch or an answer passes in one go
+    instead of a wake-up per 64 KiB on each side. Best effort."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (AttributeError, OSError):  # not Linux, or over /proc/sys/fs/pipe-max-size
+        pass
 
 
 def worker_main() -> int:
@@ -120,6 +134,8 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "learner.ingest_pool"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, cwd=pathlib.Path(__file__).resolve().parents[1])
+        _widen(self.proc.stdin.fileno())
+        _widen(self.proc.stdout.fileno())
         self.pending: collections.deque[_Call] = collections.deque()
         self.dead: str | None = None
         self.killed = False  # by us (it hung or lied): replaced at once, whatever it still says

@@ -90,9 +90,9 @@ def test_a_child_that_hangs_times_out_and_is_replaced(fresh_pool):
     pool = fresh_pool
     victim = pool._all[(pool._next + 1) % pool.workers]
     os.kill(victim.proc.pid, signal.SIGSTOP)
-    # 40 records of ~7 KB: more than the pipe holds, so the sender blocks on the stopped child
+    # 200 records of ~7 KB: more than the (1 MiB) pipe holds: the sender blocks on the stopped child
     with pytest.raises(ValidatorUnavailable, match="no answer in 3 s"):
-        _validate(pool, _batch(n=40))
+        _validate(pool, _batch(n=200))
     _wait_dead(victim)
     for _ in range(pool.workers):
         assert _validate(pool, _batch()).num_rows == 5
