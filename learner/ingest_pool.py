@@ -293,6 +293,12 @@ class ValidatorPool:
                 f"{robot_id!r}; its process was replaced, nothing was stored")
         return table
 
+    def status(self) -> dict:
+        """For the learner's status file: children, how many are running, restarts so far."""
+        return {"workers": self.workers, "restarts": self.restarts,
+                "running": sum(w.dead is None and not w.killed for w in self._all),
+                "in_flight": sum(len(w.pending) for w in self._all)}
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

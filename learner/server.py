@@ -92,6 +92,7 @@ def status(addr: str, store: ExperienceStore, registry: Registry, trainer,
             "train_steps": trainer.train_steps if trainer else 0,
             "trainer_error": repr(trainer.error) if trainer and trainer.error else None,
             "last_update": trainer.last_metrics if trainer else {},
+            "ingest_validators": store.validators.status() if store.validators else None,
             "robots": store.stats(), "time": time.time()}
 
 

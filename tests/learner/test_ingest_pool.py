@@ -84,6 +84,7 @@ def test_a_child_that_dies_is_replaced_and_the_next_batch_is_stored(fresh_pool):
     _wait_dead(victim)
     assert _validate(pool, _batch()).num_rows == 5
     assert pool.restarts == before + 1 and victim not in pool._all
+    assert pool.status() == {"workers": 2, "restarts": before + 1, "running": 2, "in_flight": 0}
 
 
 def test_a_child_that_hangs_times_out_and_is_replaced(fresh_pool):

@@ -208,3 +208,6 @@ def test_tether_learner_creates_its_key_and_signs_version_1(exported, tmp_path):
     assert "signing versions with key " + trust.key_ids[0] in "".join(lines) + out
     status = json.loads((data / "learner.json").read_text())
     assert status["rollout"]["stable"] == 1 and status["rollout"]["config"]["fraction"] == 0.25
+    # ingest validation runs in child processes by default, and the status file says so
+    assert status["ingest_validators"]["workers"] >= 2
+    assert status["ingest_validators"]["running"] == status["ingest_validators"]["workers"]
