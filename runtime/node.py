@@ -27,6 +27,7 @@ from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from runtime.observation_check import ObservationCheck
 from runtime.policy import PolicyRunner
+from runtime.priority import MAX_PRIORITY, normal_thread, realtime_thread, thread_policy
 from runtime.recorder import Recorder
 from runtime.signature import SignatureError, Trust, verify_trusted
 from runtime.spool import Spool
@@ -66,6 +67,7 @@ class NodeConfig:
     strategy: str | None = None        # merge strategy; None: prefix if the policy accepts one
     actions_per_chunk: int | None = None   # s; None: H - d - margin (held to d <= s <= H - d)
     max_obs_age_s: float | None = None     # stale-observation guard; None: off
+    rt_priority: int | None = None         # control loop under SCHED_FIFO (runtime/priority.py)
     # a version whose warm-up inference (median) is slower than this is refused; None: the
     # delay the action queue can cover, (H // 2) ticks at the control rate
     latency_budget_s: float | None = None
@@ -92,6 +94,9 @@ class NodeConfig:
         if self.latency_budget_s is not None and self.latency_budget_s <= 0:
             raise ValueError(f"NodeConfig latency_budget_s must be > 0 (None: derived from the "
                              f"horizon and rate), got {self.latency_budget_s}")
+        if self.rt_priority is not None and not 1 <= self.rt_priority <= MAX_PRIORITY:
+            raise ValueError(f"NodeConfig rt_priority must be in 1..{MAX_PRIORITY} (--rt-priority), "
+                             f"got {self.rt_priority}")
         if self.max_obs_age_s is not None and self.max_obs_age_s <= 0:
             raise ValueError(f"NodeConfig max_obs_age_s must be > 0, got {self.max_obs_age_s}")
         if not self.robot_id or not self.task:
@@ -327,6 +332,7 @@ class RobotNode:
                           "stages": w.policy.latency_stats(),
                           "errors": w.errors, "backend": w.policy.backend.info()},
             "queue_depth": len(self.queue), "events": list(self.events), "done": self._done,
+            "control_sched": list(getattr(self, "control_sched", ("not started", 0))),
             "swapped_at": w.last_swap_time,  # the node's clock (monotonic on a real robot)
             "weights": self.subscriber.status() if self.subscriber is not None else None,
         }
@@ -361,9 +367,18 @@ class RobotNode:
             self.client.start()
             self.subscriber.start()
         status_thread.start()
+        if self.config.rt_priority:
+            why = realtime_thread(self.config.rt_priority)  # this thread runs the loop
+            if why is not None:
+                log.warning("node: control loop runs as a normal thread: %s", why)
+            self._event(f"control loop at SCHED_FIFO priority {self.config.rt_priority}"
+                        if why is None else f"control loop runs as a normal thread: {why}")
+        self.control_sched = thread_policy()
         try:
             self.loop.run(seconds)
         finally:
+            if self.control_sched[0] == "SCHED_FIFO":
+                normal_thread()  # shutting down (draining, closing) is not real-time work
             self._shutdown(status_thread)
         return self.status()
 
@@ -411,6 +426,9 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                         "the policy accepts an action prefix, else latest)")
     p.add_argument("--actions-per-chunk", type=int, default=None,
                    help="actions executed per chunk s (held to d <= s <= H - d)")
+    p.add_argument("--rt-priority", type=int, default=None,
+                   help="run the control loop under SCHED_FIFO at this priority (1..99; Linux, "
+                        "needs root, CAP_SYS_NICE or ulimit -r); default: a normal thread")
     p.add_argument("--max-obs-age", type=float, default=None,
                    help="seconds after which an observation is too old to infer from")
     p.add_argument("--latency-budget", type=float, default=None,
@@ -444,7 +462,7 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                       rate_hz=a.rate, camera=a.camera, robot_kind=a.robot, backend=a.backend,
                       metrics_port=a.metrics_port, strategy=a.strategy,
                       actions_per_chunk=a.actions_per_chunk, max_obs_age_s=a.max_obs_age,
-                      latency_budget_s=a.latency_budget,
+                      latency_budget_s=a.latency_budget, rt_priority=a.rt_priority,
                       trusted_keys=tuple(a.trusted_key), allow_unsigned=a.allow_unsigned,
                       status_interval_s=a.status_interval, tls_cert=a.tls_cert,
                       tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,

@@ -93,7 +93,8 @@ def _diff(a: dict, b: dict) -> dict:
 
 def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                 rounds: int = 3, tasks=TASKS, timeout_s: float = 60.0,
-                start_timeout_s: float = 240.0, log=print) -> dict:
+                start_timeout_s: float = 240.0, rt_priority: int | None = None,
+                log=print) -> dict:
     """Start the learner and the robots, publish ``rounds`` versions one after the other, and
     report the median round (``seconds_to_all``) and the worst (``missed_ticks``)."""
     from learner.canary import CanaryConfig, RolloutController
@@ -132,6 +133,8 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                     "--seed", str(1000 + i), "--camera", "fast",
                     "--status-interval", str(STATUS_INTERVAL_S),
                     "--insecure"]  # plaintext on loopback: this measures the weights path
+            if rt_priority:  # the robots' control loops under SCHED_FIFO (runtime/priority.py)
+                args += ["--rt-priority", str(rt_priority)]
             with open(home / "robot.log", "w") as out:
                 procs[rid] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                               env=_child_env())
@@ -151,7 +154,7 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                 "missed_ticks": max(r["missed_ticks"] for r in results),
                 "announce_to_serve_p50_s": median["announce_to_serve_p50_s"],
                 "per_robot_s": median["per_robot_s"], "rounds": results,
-                "cpus": os.cpu_count(),
+                "cpus": os.cpu_count(), "rt_priority": rt_priority,
                 "load_average": [round(x, 2) for x in os.getloadavg()], "work_dir": str(work)}
     finally:
         for p in procs.values():
@@ -256,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robots", type=int, default=8)
     p.add_argument("--artifact-mb", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=3, help="versions published one after another")
+    p.add_argument("--rt-priority", type=int, default=None,
+                   help="run the robots' control loops under SCHED_FIFO at this priority")
     p.add_argument("--work-dir", default=None, help="default: a new temporary directory")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     result = run_rollout(a.robots, a.artifact_mb, a.work_dir, rounds=a.rounds,
-                         log=lambda m: print(m, file=sys.stderr))
+                         rt_priority=a.rt_priority, log=lambda m: print(m, file=sys.stderr))
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -49,6 +49,7 @@ class FleetConfig:
     ray: str | None = None        # place robots with Ray: "auto" or a cluster address (sim/ray_fleet.py)
     drain_timeout_s: float = 90.0
     insecure: bool = False        # plaintext gRPC; default: mutual TLS with a fresh CA per run
+    rt_priority: int | None = None  # robots' control loops under SCHED_FIFO (runtime/priority.py)
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
 
@@ -170,6 +171,8 @@ class Fleet:
                     "--spool", str(home / "spool"), "--status", str(home / "status.json"),
                     "--seconds", str(c.minutes * 60), "--seed", str(ROBOT_SEED_BASE + c.seed * 1000 + i),
                     "--camera", c.camera, "--trusted-key", str(public_key), *self._tls_args(rid)]
+            if c.rt_priority:
+                args += ["--rt-priority", str(c.rt_priority)]
             if self.placement is not None:  # Ray: the same process, on some node of the cluster
                 self.robots[rid] = self.placement.start(rid, args, home)
                 continue
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: sim.tasks.DEFAULT_TASKS)")
     p.add_argument("--seed", type=int, default=FleetConfig.seed)
     p.add_argument("--camera", default=FleetConfig.camera, help="fast | mujoco")
+    p.add_argument("--rt-priority", type=int, default=None,
+                   help="robots' control loops under SCHED_FIFO at this priority (Linux, needs "
+                        "root, CAP_SYS_NICE or ulimit -r; a robot not allowed says so and runs)")
     p.add_argument("--cache-dir", default=FleetConfig.cache_dir,
                    help="where the pretrained policy is cached")
     p.add_argument("--staleness", type=int, default=None,
@@ -360,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                          cache_dir=a.cache_dir, publish_interval_s=a.publish_interval,
                          staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
                          canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
-                         insecure=a.insecure, verifier_every=a.verifier_every)
+                         insecure=a.insecure, verifier_every=a.verifier_every,
+                         rt_priority=a.rt_priority)
     summary = run_fleet(config)
     print(json.dumps({k: summary[k] for k in (
         "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",

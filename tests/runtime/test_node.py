@@ -77,6 +77,36 @@ def test_node_refuses_a_policy_that_does_not_fit_the_robot(artifacts, tmp_path):
                   robot=robot)
 
 
+def test_the_control_loop_runs_real_time_when_the_machine_allows_it(artifacts, tmp_path):
+    from runtime.priority import realtime_thread, thread_policy
+    probe = []  # may this process use SCHED_FIFO? (root, CAP_SYS_NICE or ulimit -r)
+    t = threading.Thread(target=lambda: probe.append(realtime_thread(1)))
+    t.start()
+    t.join()
+    config = NodeConfig(robot_id="r0", task="reach", artifact=str(artifacts / "v1"),
+                        spool=str(tmp_path / "spool"), seconds=0.5, rt_priority=30,
+                        trusted_keys=(public_key_for_tests(),))
+    node = RobotNode(config, robot=PointMassRobot(max_steps=20))
+    result, after = {}, {}
+
+    def run():  # on its own thread: the test process's main thread stays normal whatever happens
+        result.update(node.run())
+        after["sched"] = thread_policy()
+    runner = threading.Thread(target=run)
+    runner.start()
+    runner.join(30)
+    assert result["done"] and result["control"]["ticks"] > 0
+    if probe[0] is None:
+        assert result["control_sched"] == ["SCHED_FIFO", 30]
+        assert "control loop at SCHED_FIFO priority 30" in result["events"]
+    else:  # not permitted here: said, and the loop ran as a normal thread
+        assert result["control_sched"] == ["SCHED_OTHER", 0]
+        assert any("control loop runs as a normal thread: not permitted" in e
+                   for e in result["events"])
+    assert after["sched"] == ("SCHED_OTHER", 0)  # the shutdown and the thread are normal again
+    assert thread_policy() == ("SCHED_OTHER", 0)
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="rate_hz"):
         NodeConfig(robot_id="r", task="t", artifact="x", rate_hz=0)
@@ -86,6 +116,8 @@ def test_config_is_validated():
         NodeConfig(robot_id="r", task="t", artifact="x", strategy="ensemle")
     with pytest.raises(ValueError, match="actions_per_chunk"):
         NodeConfig(robot_id="r", task="t", artifact="x", actions_per_chunk=0)
+    with pytest.raises(ValueError, match="rt_priority"):
+        NodeConfig(robot_id="r", task="t", artifact="x", rt_priority=100)
 
 
 def test_cli_chunk_settings_reach_the_worker(artifacts, tmp_path):
