@@ -38,6 +38,7 @@ import numpy as np
 from robots.base import Observation
 from runtime.chunks import ActionQueue, check_strategy
 from runtime.clock import Clock
+from runtime.priority import realtime_thread, thread_policy
 from runtime.status import LatencyWindow
 from runtime.types import Chunk, VerifierVerdict
 
@@ -119,12 +120,16 @@ class InferenceWorker:
         self.swaps = 0
         self.last_swap_time: float | None = None
         self.versions_run: set[int] = set()
+        self.rt_refused: str | None = None
+        self.sched: tuple[str, int] | None = None  # the inference thread's, once started
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "InferenceWorker":
+    def start(self, rt_priority: int | None = None) -> "InferenceWorker":
+        """``rt_priority``: run the inference thread under SCHED_FIFO at this priority (below
+        the control loop's; runtime/priority.py); ``rt_refused`` says why when not allowed."""
         if self.threaded and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tether-inference",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(rt_priority,),
+                                            name="tether-inference", daemon=True)
             self._thread.start()
         return self
 
@@ -240,7 +245,10 @@ class InferenceWorker:
             req, self._request = self._request, None
             return req
 
-    def _run(self) -> None:
+    def _run(self, rt_priority: int | None = None) -> None:
+        if rt_priority:
+            self.rt_refused = realtime_thread(rt_priority)
+        self.sched = thread_policy()
         while not self._stop.is_set():
             with self._cond:
                 self._cond.wait_for(lambda: self._request is not None or self._stop.is_set())

@@ -27,7 +27,8 @@ from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from runtime.observation_check import ObservationCheck
 from runtime.policy import PolicyRunner
-from runtime.priority import MAX_PRIORITY, normal_thread, realtime_thread, thread_policy
+from runtime.priority import (MAX_PRIORITY, normal_thread, realtime_thread, thread_policy,
+                              worker_rt_priority)
 from runtime.recorder import Recorder
 from runtime.signature import SignatureError, Trust, verify_trusted
 from runtime.spool import Spool
@@ -333,6 +334,7 @@ class RobotNode:
                           "errors": w.errors, "backend": w.policy.backend.info()},
             "queue_depth": len(self.queue), "events": list(self.events), "done": self._done,
             "control_sched": list(getattr(self, "control_sched", ("not started", 0))),
+            "inference_sched": list(w.sched or ("not started", 0)),
             "swapped_at": w.last_swap_time,  # the node's clock (monotonic on a real robot)
             "weights": self.subscriber.status() if self.subscriber is not None else None,
         }
@@ -357,7 +359,8 @@ class RobotNode:
         seconds = self.config.seconds if seconds is None else seconds
         status_thread = threading.Thread(target=self._status_loop, name="tether-status",
                                          daemon=True)
-        self.worker.start()
+        # inference under SCHED_FIFO too, below the loop: it must keep the queue fed under load
+        self.worker.start(rt_priority=worker_rt_priority(self.config.rt_priority))
         self.metrics = None
         if self.config.metrics_port is not None:
             from runtime.metrics import MetricsServer

@@ -35,6 +35,15 @@ def realtime_thread(priority: int) -> str | None:
     return None
 
 
+INFERENCE_BELOW_LOOP = 10
+
+
+def worker_rt_priority(loop_priority: int | None) -> int | None:
+    """The inference thread's SCHED_FIFO priority for a control loop at ``loop_priority``: below
+    it, so a tick always preempts inference, and above every normal thread."""
+    return max(1, loop_priority - INFERENCE_BELOW_LOOP) if loop_priority else None
+
+
 def normal_thread() -> None:
     """Back to SCHED_OTHER for the calling thread (lowering needs no privilege)."""
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_OTHER"):

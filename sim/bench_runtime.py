@@ -3,6 +3,8 @@
 1. ``control_loop``: a Meta-World robot at ``--rate`` Hz (50) on the wall clock for ``--seconds``
    (60) with the reference policy inferring concurrently on the worker thread: ticks, deadline
    misses, stall ticks (underruns), jitter (|tick start - deadline|) p50/p99/max in ms.
+   ``control_loop_loaded``: the same loop for ``--loaded-seconds`` (20) while a busy process per
+   core competes for the CPU, as a normal thread and then under SCHED_FIFO (``--rt-priority``).
 2. ``async_vs_sync``: asynchronous against synchronous execution on simulated tasks on a virtual
    clock, at 0/100/200/300 ms inference latency, every merge strategy (sim/bench_async.py).
 3. ``overhead``: the node's per-chunk path (observation -> feeds -> backend -> sampling -> gate ->
@@ -40,7 +42,9 @@ def _ms(window: LatencyWindow) -> dict:
     return {"p50": round(1e3 * window.quantile(0.5), 3), "p99": round(1e3 * window.quantile(0.99), 3)}
 
 
-def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: float) -> dict:
+def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: float,
+                 rt_priority: int | None = None) -> dict:
+    from runtime.priority import normal_thread, realtime_thread, thread_policy, worker_rt_priority
     from sim.metaworld_robot import MetaWorldRobot
 
     sys.setswitchinterval(switch_s)  # the control thread gets the GIL back within this
@@ -51,12 +55,17 @@ def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: 
     queue = ActionQueue(policy.action_dim)
     envelope = Envelope(robot.describe())
     worker = InferenceWorker(policy, queue, clock, rate_hz=rate_hz, gate=ChunkGate(envelope),
-                             initial_latency_s=policy.latency["total"].quantile(0.95)).start()
+                             initial_latency_s=policy.latency["total"].quantile(0.95)
+                             ).start(rt_priority=worker_rt_priority(rt_priority))
     loop = ControlLoop(robot, queue, envelope, clock, rate_hz, worker=worker,
                        to_command=worker.to_command, from_command=worker.from_command)
+    rt_refused = realtime_thread(rt_priority) if rt_priority else None  # this thread ticks
+    sched = thread_policy()
     try:
         loop.run(seconds)
     finally:
+        if sched[0] == "SCHED_FIFO":
+            normal_thread()
         worker.stop()
         robot.close()
     s = loop.stats()
@@ -64,7 +73,8 @@ def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: 
     return {"rate_hz": rate_hz, "seconds": seconds, "ticks": s["ticks"],
             "deadline_misses": s["deadline_misses"], "stall_ticks": s["stall_ticks"],
             "episodes": loop.episodes, "chunks": worker.chunks,
-            "switch_interval_ms": switch_s * 1e3,
+            "switch_interval_ms": switch_s * 1e3, "sched": list(sched),
+            **({"rt_refused": rt_refused} if rt_refused else {}),
             "jitter_ms": {"p50": s["jitter_p50_ms"], "p99": s["jitter_p99_ms"],
                           "max": s["jitter_max_ms"]},
             "inference_ms": policy.latency_stats()}
@@ -105,6 +115,28 @@ def overhead(artifact, n: int) -> dict:
             "node_stages_ms": policy.latency_stats()}
 
 
+def loaded(artifact, seconds: float, rate_hz: float, task: str, switch_s: float,
+           rt_priority: int) -> list[dict]:
+    """The control loop while one busy process per core competes for the CPU: as a normal
+    thread, then under SCHED_FIFO (runtime/priority.py), side by side."""
+    import os
+    import subprocess
+
+    runs = []
+    for rt in (None, rt_priority):
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 2)]
+        try:
+            time.sleep(0.5)
+            runs.append({"rt_priority": rt, "busy_processes": len(hogs),
+                         **control_loop(artifact, seconds, rate_hz, task, switch_s, rt)})
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+    return runs
+
+
 def _description(policy):
     from robots.description import load_description
 
@@ -121,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=16, help="reference policy chunk horizon H")
     p.add_argument("--latencies", default="0,100,200,300", help="inference latencies in ms")
     p.add_argument("--cache", default=".tether-cache/pretrained")
+    p.add_argument("--loaded-seconds", type=float, default=None,
+                   help="control loop with a busy process per core, normal then real-time "
+                        "(default 20 s; 0 skips it)")
+    p.add_argument("--rt-priority", type=int, default=80,
+                   help="SCHED_FIFO priority for the loaded real-time run")
     p.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="Python GIL switch interval during the control-loop run")
     a = p.parse_args(argv)
@@ -138,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     result["control_loop"] = control_loop(artifact, seconds, a.rate, DEFAULT_TASKS[0],
                                           a.switch_interval_ms / 1e3)
     print(f"bench runtime: control loop {result['control_loop']}", flush=True)
+    loaded_s = a.loaded_seconds if a.loaded_seconds is not None else (5.0 if a.quick else 20.0)
+    if loaded_s > 0:
+        result["control_loop_loaded"] = loaded(artifact, loaded_s, a.rate, DEFAULT_TASKS[0],
+                                               a.switch_interval_ms / 1e3, a.rt_priority)
+        print(f"bench runtime: control loop under load {result['control_loop_loaded']}",
+              flush=True)
     result["overhead"] = overhead(artifact, 100 if a.quick else 500)
     print(f"bench runtime: overhead {result['overhead']}", flush=True)
     # the same measure on the >= 100M-parameter policy: where inference dominates the chunk

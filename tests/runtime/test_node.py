@@ -98,9 +98,12 @@ def test_the_control_loop_runs_real_time_when_the_machine_allows_it(artifacts, t
     assert result["done"] and result["control"]["ticks"] > 0
     if probe[0] is None:
         assert result["control_sched"] == ["SCHED_FIFO", 30]
+        assert result["inference_sched"] == ["SCHED_FIFO", 20]  # below the loop
         assert "control loop at SCHED_FIFO priority 30" in result["events"]
     else:  # not permitted here: said, and the loop ran as a normal thread
         assert result["control_sched"] == ["SCHED_OTHER", 0]
+        assert result["inference_sched"] == ["SCHED_OTHER", 0]
+        assert "not permitted" in node.worker.rt_refused
         assert any("control loop runs as a normal thread: not permitted" in e
                    for e in result["events"])
     assert after["sched"] == ("SCHED_OTHER", 0)  # the shutdown and the thread are normal again
