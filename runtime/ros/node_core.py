@@ -23,6 +23,7 @@ from robots.description import load_description
 from robots.ros_robot import RosRobot
 from runtime.clock import WallClock
 from runtime.node import NodeConfig, RobotNode
+from runtime.priority import realtime_thread, thread_policy, worker_rt_priority
 from runtime.ros.params import RosParams
 from runtime.ros.sensors import SensorCache, to_stamp
 from runtime.status import LatencyWindow
@@ -85,6 +86,7 @@ class RosNodeCore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_diag = 0.0
+        self.control_sched: tuple[str, int] = ("not started", 0)
         self._lock = threading.Lock()   # lifecycle transitions
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class RosNodeCore:
                     for c in m.cameras}
             self.cache = SensorCache(desc.joints, cams, p.max_age_s, p.max_skew_s, p.instruction)
             self._open_topics(cams)
-            node.worker.start()
+            node.worker.start(rt_priority=worker_rt_priority(p.rt_priority or None))
             if node.client is not None:
                 node.client.start()
                 node.subscriber.start()
@@ -207,6 +209,11 @@ class RosNodeCore:
 
     # -- the control thread ------------------------------------------------------------------
     def _run(self) -> None:
+        if self.params.rt_priority:
+            why = realtime_thread(self.params.rt_priority)
+            if why is not None:
+                log.warning("%s: control thread runs as a normal thread: %s", self.name, why)
+        self.control_sched = thread_policy()
         clock, period = self.node.clock, self.node.loop.period
         deadline = clock.now()
         while not self._stop.is_set():
@@ -292,6 +299,7 @@ class RosNodeCore:
                   "ticks": loop.ticks, "commands_sent": self.commands_sent,
                   "stall_ticks": loop.stall_ticks, "verifier_hold_ticks": loop.verifier_hold_ticks,
                   "deadline_misses": self.deadline_misses,
+                  "control_sched": "%s %d" % self.control_sched,
                   "jitter_p99_ms": round(1e3 * self.lateness.quantile(0.99), 3),
                   "inference_p95_ms": inf["latency_p95_ms"], "delay_ticks": inf["delay_ticks"],
                   "chunks": inf["chunks"], "actions_clamped": status["verifier"].get(

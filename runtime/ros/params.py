@@ -30,6 +30,7 @@ class RosParams:
     instruction: str = ""
     control_rate_hz: float = 0.0
     margin_ticks: int = 1
+    rt_priority: int = 0
     temperature: float = 1.0
     on_violation: str = "clamp"
     joint_states_topic: str = "/joint_states"
@@ -63,6 +64,8 @@ class RosParams:
             (self.control_rate_hz >= 0, f"control_rate_hz must be >= 0 (0: the artifact's rate), "
              f"got {self.control_rate_hz}"),
             (self.margin_ticks >= 0, f"margin_ticks must be >= 0, got {self.margin_ticks}"),
+            (0 <= self.rt_priority <= 99, f"rt_priority must be in 0..99 (0: off), got "
+             f"{self.rt_priority}"),
             (self.max_age_s > 0 and self.max_skew_s > 0, f"max_age_s and max_skew_s must be > 0, "
              f"got {self.max_age_s} and {self.max_skew_s}"),
             (self.time_from_start_s >= 0, "time_from_start_s must be >= 0 (0: one period)"),
@@ -105,6 +108,8 @@ DESCRIPTIONS = {
     "instruction": "language instruction used until one arrives on instruction_topic",
     "control_rate_hz": "control rate in Hz; 0 = the artifact's rate",
     "margin_ticks": "chunk settings: request the next chunk this many ticks before the delay",
+    "rt_priority": "control thread under SCHED_FIFO at this priority, inference 10 below "
+                   "(needs CAP_SYS_NICE or rtprio limits); 0 = normal threads",
     "temperature": "policy sampling temperature; 0 = the mean action",
     "on_violation": "safety envelope on a violating command: clamp | reject (hold)",
     "joint_states_topic": "sensor_msgs/JointState input (best effort)",

@@ -128,6 +128,7 @@ def test_node_over_dds_commands_holds_and_follows_the_lifecycle(loopback, tmp_pa
         arm.send("camera off")
         level, message, values = diag.wait_for("front stale")
         assert level == 1 and values["state"] == "active"
+        assert values["control_sched"] == "SCHED_OTHER 0"  # rt_priority 0: a normal thread
         time.sleep(0.5)  # the hold, and anything in flight on a loaded machine, has arrived
         n_hold = len(arm.commands())
         time.sleep(0.6)

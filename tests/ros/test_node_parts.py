@@ -49,6 +49,8 @@ def test_unknown_parameter_suggests_the_nearest(tmp_path):
         load_params_file(f, "other")
     with pytest.raises(ValueError, match="command_mode"):
         RosParams(command_mode="velocity")
+    with pytest.raises(ValueError, match="rt_priority"):
+        RosParams(rt_priority=100)
 
 
 def test_compressed_transport_uses_the_image_transport_topic():
