@@ -80,7 +80,7 @@ def test_node_refuses_a_policy_that_does_not_fit_the_robot(artifacts, tmp_path):
 def test_the_control_loop_runs_real_time_when_the_machine_allows_it(artifacts, tmp_path):
     from runtime.priority import realtime_thread, thread_policy
     probe = []  # may this process use SCHED_FIFO? (root, CAP_SYS_NICE or ulimit -r)
-    t = threading.Thread(target=lambda: probe.append(realtime_thread(1)))
+    t = threading.Thread(target=lambda: probe.append(realtime_thread(30)))  # as the node asks
     t.start()
     t.join()
     config = NodeConfig(robot_id="r0", task="reach", artifact=str(artifacts / "v1"),

@@ -33,7 +33,7 @@ def test_not_permitted_says_what_is_needed(monkeypatch):
 
 
 def test_only_the_calling_thread_becomes_real_time():
-    if _in_thread(lambda: realtime_thread(1)) is not None:
+    if _in_thread(lambda: realtime_thread(25)) is not None:
         pytest.skip("this machine does not allow SCHED_FIFO (needs root, CAP_SYS_NICE or "
                     "ulimit -r); the refusal is covered above")
 
