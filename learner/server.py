@@ -63,7 +63,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ingest-workers", type=int, default=default_workers(),
                    help="processes that validate incoming experience (default: one per two "
-                        "cores, 1..4); 0 validates in the learner's own threads")
+                        "cores, 2..4); 0 validates in the learner's own threads")
     p.add_argument("--no-train", action="store_true", help="ingest and serve only")
     p.add_argument("--log-level", default="INFO")
     distributed.add_arguments(p)

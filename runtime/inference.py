@@ -38,7 +38,7 @@ import numpy as np
 from robots.base import Observation
 from runtime.chunks import ActionQueue, check_strategy
 from runtime.clock import Clock
-from runtime.priority import realtime_thread, thread_policy
+from runtime.priority import realtime
 from runtime.status import LatencyWindow
 from runtime.types import Chunk, VerifierVerdict
 
@@ -246,15 +246,13 @@ class InferenceWorker:
             return req
 
     def _run(self, rt_priority: int | None = None) -> None:
-        if rt_priority:
-            self.rt_refused = realtime_thread(rt_priority)
-        self.sched = thread_policy()
-        while not self._stop.is_set():
-            with self._cond:
-                self._cond.wait_for(lambda: self._request is not None or self._stop.is_set())
-                if self._stop.is_set():
-                    return
-            self._serve(self._take())
+        with realtime(rt_priority) as (self.rt_refused, self.sched):
+            while not self._stop.is_set():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._request is not None or self._stop.is_set())
+                    if self._stop.is_set():
+                        return
+                self._serve(self._take())
 
     def _serve(self, req) -> None:
         if req is None:

@@ -27,8 +27,7 @@ from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from runtime.observation_check import ObservationCheck
 from runtime.policy import PolicyRunner
-from runtime.priority import (MAX_PRIORITY, normal_thread, realtime_thread, thread_policy,
-                              worker_rt_priority)
+from runtime.priority import MAX_PRIORITY, realtime, worker_rt_priority
 from runtime.recorder import Recorder
 from runtime.signature import SignatureError, Trust, verify_trusted
 from runtime.spool import Spool
@@ -370,18 +369,17 @@ class RobotNode:
             self.client.start()
             self.subscriber.start()
         status_thread.start()
-        if self.config.rt_priority:
-            why = realtime_thread(self.config.rt_priority)  # this thread runs the loop
-            if why is not None:
-                log.warning("node: control loop runs as a normal thread: %s", why)
-            self._event(f"control loop at SCHED_FIFO priority {self.config.rt_priority}"
-                        if why is None else f"control loop runs as a normal thread: {why}")
-        self.control_sched = thread_policy()
+        rt = self.config.rt_priority
         try:
-            self.loop.run(seconds)
+            # this thread runs the loop; shutting down (draining, closing) is not real-time work
+            with realtime(rt) as (why, self.control_sched):
+                if why is not None:
+                    log.warning("node: control loop runs as a normal thread: %s", why)
+                if rt:
+                    self._event(f"control loop at SCHED_FIFO priority {rt}" if why is None
+                                else f"control loop runs as a normal thread: {why}")
+                self.loop.run(seconds)
         finally:
-            if self.control_sched[0] == "SCHED_FIFO":
-                normal_thread()  # shutting down (draining, closing) is not real-time work
             self._shutdown(status_thread)
         return self.status()
 

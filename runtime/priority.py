@@ -11,6 +11,7 @@ says why and the loop runs as a normal thread. The kernel's RT throttling
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 MAX_PRIORITY = 99
@@ -48,6 +49,20 @@ def normal_thread() -> None:
     """Back to SCHED_OTHER for the calling thread (lowering needs no privilege)."""
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_OTHER"):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def realtime(priority: int | None):
+    """Run the block on the calling thread under SCHED_FIFO ``priority`` (None or 0: as it is);
+    yields (why it was refused or None, the thread's (policy, priority)). The thread is normal
+    again after the block."""
+    why = realtime_thread(priority) if priority else None
+    sched = thread_policy()
+    try:
+        yield why, sched
+    finally:
+        if sched[0] == "SCHED_FIFO":
+            normal_thread()
 
 
 def thread_policy() -> tuple[str, int]:

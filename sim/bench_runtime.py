@@ -44,7 +44,7 @@ def _ms(window: LatencyWindow) -> dict:
 
 def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: float,
                  rt_priority: int | None = None) -> dict:
-    from runtime.priority import normal_thread, realtime_thread, thread_policy, worker_rt_priority
+    from runtime.priority import realtime, worker_rt_priority
     from sim.metaworld_robot import MetaWorldRobot
 
     sys.setswitchinterval(switch_s)  # the control thread gets the GIL back within this
@@ -59,13 +59,10 @@ def control_loop(artifact, seconds: float, rate_hz: float, task: str, switch_s: 
                              ).start(rt_priority=worker_rt_priority(rt_priority))
     loop = ControlLoop(robot, queue, envelope, clock, rate_hz, worker=worker,
                        to_command=worker.to_command, from_command=worker.from_command)
-    rt_refused = realtime_thread(rt_priority) if rt_priority else None  # this thread ticks
-    sched = thread_policy()
     try:
-        loop.run(seconds)
+        with realtime(rt_priority) as (rt_refused, sched):  # this thread ticks
+            loop.run(seconds)
     finally:
-        if sched[0] == "SCHED_FIFO":
-            normal_thread()
         worker.stop()
         robot.close()
     s = loop.stats()

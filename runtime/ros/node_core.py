@@ -23,7 +23,7 @@ from robots.description import load_description
 from robots.ros_robot import RosRobot
 from runtime.clock import WallClock
 from runtime.node import NodeConfig, RobotNode
-from runtime.priority import realtime_thread, thread_policy, worker_rt_priority
+from runtime.priority import realtime, worker_rt_priority
 from runtime.ros.params import RosParams
 from runtime.ros.sensors import SensorCache, to_stamp
 from runtime.status import LatencyWindow
@@ -209,11 +209,12 @@ class RosNodeCore:
 
     # -- the control thread ------------------------------------------------------------------
     def _run(self) -> None:
-        if self.params.rt_priority:
-            why = realtime_thread(self.params.rt_priority)
+        with realtime(self.params.rt_priority) as (why, self.control_sched):
             if why is not None:
                 log.warning("%s: control thread runs as a normal thread: %s", self.name, why)
-        self.control_sched = thread_policy()
+            self._loop()
+
+    def _loop(self) -> None:
         clock, period = self.node.clock, self.node.loop.period
         deadline = clock.now()
         while not self._stop.is_set():
