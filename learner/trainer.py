@@ -343,7 +343,12 @@ class Trainer:
         values_n = torch.from_numpy((values_raw - self._ret_mean) / self._ret_std)
         adv = ppo.normalize(returns_n - values_n, [r.task for r in flat])
         w, valid = ppo.behaviour_weights(logp_prox, batch.behaviour_log_prob, c.max_is_ratio)
-        ess = ppo.effective_sample_size(w, valid)
+        # an operator's rows (human interventions) were not sampled from any policy: they train
+        # the imitation and value terms only, and do not count in the behaviour weights' ESS
+        human = torch.tensor([r.human_intervention for r in flat], dtype=torch.bool)
+        own = ~human
+        valid = valid & own
+        ess = ppo.effective_sample_size(w[own], valid[own]) if bool(own.any()) else 1.0
         for group, base in zip(self.optimizer.param_groups, self._base_lr):
             group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
         successful = [any(r.success for r in ep) for ep in episodes]
@@ -381,11 +386,12 @@ class Trainer:
                 sums["ratio_mean"] += float((r * w[idx]).mean())
                 sums["clip_frac"] += clip_frac
         metrics = {k: v / steps for k, v in sums.items()}
-        metrics.update(self._diagnostics(batch, logp_prox, exact, w, valid, dropped))
+        metrics.update(self._diagnostics(batch, logp_prox, exact & own, w, valid, dropped, own))
         metrics.update(
             version=self.version, records=len(flat), episodes=len(episodes), steps=steps,
             lr=self.optimizer.param_groups[0]["lr"], ess=ess, success_episodes=sum(successful),
             imitate_frac=float(imitate.double().mean()), return_mean=float(returns.mean()),
+            human_records=int(human.sum()),
             seconds=round(time.monotonic() - t0, 3))
         m = metrics
         log.info("update v%d: %d records/%d episodes (%d successful), pg %.4f value %.4f bc %.4f, "
@@ -396,20 +402,24 @@ class Trainer:
                  m["staleness_hist"], m["proximal_exact_frac"], m["logp_gap_mean"], m["log_std"])
         return self._log(metrics)
 
-    def _diagnostics(self, batch, logp_prox, exact, w, valid, dropped) -> dict:
-        """Behaviour KL, update KL, staleness and robot/learner discrepancy of one update."""
+    def _diagnostics(self, batch, logp_prox, exact, w, valid, dropped, own) -> dict:
+        """Behaviour KL, update KL, staleness and robot/learner discrepancy of one update
+        (``own``: the policy's records; an operator's have no behaviour probability)."""
         logp_new = batch_log_probs(self.model, batch, self.config.minibatch)
         gap = (batch.behaviour_log_prob - logp_prox).abs()[exact]
         behind = (self.version - batch.policy_version).tolist()
-        dropped["masked"] += int((~valid).sum())
+        masked = ~valid & own
+        dropped["masked"] += int(masked.sum())
+        n_own = max(1, int(own.sum()))
         return dict(
-            ratio_start=float(w.mean()), masked_frac=float((~valid).double().mean()),
-            kl_behaviour=ppo.k3_kl(batch.behaviour_log_prob, logp_prox),
+            ratio_start=float(w[own].mean()) if bool(own.any()) else 1.0,
+            masked_frac=float(masked.sum()) / n_own,
+            kl_behaviour=ppo.k3_kl(batch.behaviour_log_prob[own], logp_prox[own]),
             kl_update=ppo.k3_kl(logp_prox, logp_new, torch.where(valid, w, torch.zeros_like(w))),
             proximal_exact_frac=float(exact.double().mean()),
             logp_gap_mean=float(gap.mean()) if len(gap) else 0.0,
             logp_gap_max=float(gap.max()) if len(gap) else 0.0,
-            masked_by_gap_frac=float((~valid & exact).double().mean()),
+            masked_by_gap_frac=float((masked & exact).sum()) / n_own,
             staleness=float(np.mean(behind)),
             staleness_hist={str(k): n for k, n in sorted(collections.Counter(behind).items())},
             dropped=_counts(dropped), log_std=float(self.model.log_std.detach().mean()))

@@ -26,12 +26,18 @@ class Observation:
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     """What followed one command: reward, end-of-episode flags (terminated vs truncated as in
-    Gymnasium), task success and the command actually sent (after the driver's own clamping)."""
+    Gymnasium), task success and the command actually sent (after the driver's own clamping).
+
+    ``operator``: a human operator had the robot on this step (a teleoperation takeover), so
+    ``sent`` is the operator's command, not the one given; the runtime records such steps as
+    human interventions (``ChunkRecord.human_intervention``) for the learner's imitation term.
+    """
     reward: float
     terminated: bool
     truncated: bool
     success: bool
     sent: np.ndarray
+    operator: bool = False
 
 
 @runtime_checkable

@@ -72,6 +72,7 @@ class ControlLoop:
         self.ticks = 0
         self.deadline_misses = 0
         self.stall_ticks = 0
+        self.operator_ticks = 0  # ticks a human operator drove (StepResult.operator)
         self.verifier_hold_ticks = 0  # empty queue because the verifier vetoed (not a stall)
         self.gate_wait_ticks = 0  # ticks spent between episodes waiting for the episode gate
         self._gate_reason: str | None = None
@@ -213,12 +214,16 @@ class ControlLoop:
             return None
         if obs is not None:
             self._consecutive_errors = 0
+        operator = bool(getattr(result, "operator", False))
+        if operator:  # a human had the robot: what it did is the operator's command
+            safe = np.asarray(result.sent, np.float32)
+            self.operator_ticks += 1
         self._last_cmd = safe
         record = TickRecord(tick=tick, chunk=chunk, offset=int(offset),
-                            action=self.from_command(safe), clamped=clamped,
+                            action=self.from_command(safe), clamped=clamped and not operator,
                             reward=float(result.reward), terminated=bool(result.terminated),
                             truncated=bool(result.truncated), success=bool(result.success),
-                            held=held)
+                            held=held, operator=operator, observation=obs if operator else None)
         if self.on_tick is not None:
             self.on_tick(record)
         if record.terminated or record.truncated:
@@ -282,6 +287,7 @@ class ControlLoop:
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
                 "stall_ticks": self.stall_ticks, "verifier_hold_ticks": self.verifier_hold_ticks,
+                "operator_ticks": self.operator_ticks,
                 "gate_wait_ticks": self.gate_wait_ticks,
                 "hold_reason": self.hold_reason,
                 "observation_holds": dict(self.observation_holds),

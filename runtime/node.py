@@ -83,6 +83,9 @@ class NodeConfig:
     tls_ca: str | None = None
     tls_server_name: str | None = None     # name checked in the learner's certificate
     insecure: bool = False                 # plaintext to the learner: local development only
+    # simulated robots only: a simulated operator watches this fraction of episodes and takes
+    # over when the robot stalls (sim/supervisor.py); its ticks are recorded as interventions
+    supervision: float = 0.0
 
     def __post_init__(self):
         if self.strategy is not None:
@@ -97,6 +100,12 @@ class NodeConfig:
         if self.rt_priority is not None and not 1 <= self.rt_priority <= MAX_PRIORITY:
             raise ValueError(f"NodeConfig rt_priority must be in 1..{MAX_PRIORITY} (--rt-priority), "
                              f"got {self.rt_priority}")
+        if not 0.0 <= self.supervision <= 1.0:
+            raise ValueError(f"NodeConfig supervision must be in [0, 1] (--supervision), got "
+                             f"{self.supervision}")
+        if self.supervision and self.robot_kind != "metaworld":
+            raise ValueError(f"NodeConfig supervision (--supervision) is a simulated operator "
+                             f"for simulated robots; robot kind {self.robot_kind!r} has real ones")
         if self.max_obs_age_s is not None and self.max_obs_age_s <= 0:
             raise ValueError(f"NodeConfig max_obs_age_s must be > 0, got {self.max_obs_age_s}")
         if not self.robot_id or not self.task:
@@ -140,8 +149,9 @@ class RobotNode:
             log.warning("node: --allow-unsigned: unsigned policy artifacts are accepted (local "
                         "development only; robots in the field need --trusted-key)")
         initial = verify_trusted(c.artifact, self.trust)  # the initial artifact too
+        extra = {"supervision": c.supervision} if c.supervision else {}
         self.robot = robot or make_robot(c.robot_kind, task=c.task, seed=c.seed, camera=c.camera,
-                                         clock=self.clock)
+                                         clock=self.clock, **extra)
         self.description = self.robot.describe()
         self.policy = self._load_policy(pathlib.Path(c.artifact), initial)
         rate = c.rate_hz or self.policy.manifest.control_rate_hz or self.description.control_rate_hz
@@ -176,8 +186,14 @@ class RobotNode:
                                                self._on_artifact, self.policy.version,
                                                trust=self.trust, on_rollback=self._on_rollback,
                                                channel_factory=channels)
+        # the policy's own episodes. An episode an operator watched (``robot.supervised``, a
+        # simulated operator) or drove (any operator tick) is supervised: its outcome is not the
+        # policy's alone, and leaving out only the taken-over ones would drop the failures an
+        # operator caught and inflate the rate
         self.successes = 0
         self.episodes = 0
+        self.supervised_episodes = 0
+        self._assisted = False
         self.success_by_version: dict[int, list[int]] = {}
         self.swap_stall_ticks = 0
         self.events: collections.deque[str] = collections.deque(maxlen=32)
@@ -280,6 +296,7 @@ class RobotNode:
 
     def _on_episode_start(self, epoch: int) -> None:
         self._episode_chunks.clear()
+        self._assisted = False
         self.recorder.start_episode()
 
     def _on_tick(self, t: TickRecord) -> None:
@@ -293,6 +310,7 @@ class RobotNode:
                 self.swap_stall_ticks += 1
         else:
             self._episode_chunks[t.chunk.policy_version].add(t.chunk.chunk_id)
+        self._assisted = self._assisted or t.operator
         self.recorder.on_tick(t)
 
     def _on_episode_end(self, epoch: int, success: bool) -> None:
@@ -301,6 +319,9 @@ class RobotNode:
         version = (max(chunks, key=lambda v: (len(chunks[v]), v)) if chunks
                    else self.worker.policy.version)
         with self._lock:
+            if self._assisted or getattr(self.robot, "supervised", False):
+                self.supervised_episodes += 1
+                return
             acc = self.success_by_version.setdefault(version, [0, 0])
             acc[0] += int(success)
             acc[1] += 1
@@ -312,12 +333,13 @@ class RobotNode:
         c, w = self.config, self.worker
         lat = w.policy.latency["total"]
         with self._lock:
-            episodes, successes = self.episodes, self.successes
+            episodes, successes, supervised = self.episodes, self.successes, self.supervised_episodes
             by_version = {str(v): list(a) for v, a in sorted(self.success_by_version.items())}
         return {
             "robot_id": c.robot_id, "task": c.task, "policy_version": w.policy.version,
             "versions_run": w.versions(), "episodes": episodes, "successes": successes,
             "success_by_version": by_version,
+            "supervised_episodes": supervised, "interventions": self.recorder.interventions,
             "records_spooled": self.spool.records_spooled, "records_acked": self.spool.records_acked,
             "records_dropped": self.recorder.records_dropped,  # spool full or disk error
             "spool_pending": self.spool.pending(), "control": self.loop.stats(),
@@ -449,6 +471,9 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                    "it differs from the host in --learner")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext to the learner, no authentication (local development only)")
+    p.add_argument("--supervision", type=float, default=0.0,
+                   help="simulated robots: fraction of episodes a simulated operator watches, "
+                        "taking over when the robot stalls (recorded as human interventions)")
     a = p.parse_args(argv)
     if a.learner and not (a.tls_cert or a.tls_key or a.tls_ca or a.insecure):
         p.error("--learner needs mutual TLS: --tls-cert DIR/cert.pem --tls-key DIR/key.pem "
@@ -467,7 +492,7 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                       trusted_keys=tuple(a.trusted_key), allow_unsigned=a.allow_unsigned,
                       status_interval_s=a.status_interval, tls_cert=a.tls_cert,
                       tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,
-                      insecure=a.insecure)
+                      insecure=a.insecure, supervision=a.supervision)
 
 
 def main(argv: list[str] | None = None) -> int:

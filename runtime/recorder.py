@@ -8,6 +8,11 @@ log-probability of exactly those rows under the chunk's Gaussian, the summed rew
 flags of the span's last tick. Hold ticks (no chunk: an underrun) belong to the span they
 interrupt; hold ticks before the episode's first chunk go to the first record.
 
+Ticks a human operator drove (``TickRecord.operator``: a teleoperation takeover) become
+human-intervention records (``human_intervention``): the observation before the operator's first
+tick, the operator's commands as rows 0, 1, ... (up to the policy's horizon per record, empty
+prefix) and no behaviour log-probability; the learner imitates them.
+
 ``VerifierInfo.actions_clamped`` counts the span's envelope *interventions*: with the node's
 ``envelope`` given, a tick counts when the envelope moved the command beyond plain saturation at
 the action bounds (``Envelope.intervened``, read right after that tick's ``apply`` on the same
@@ -42,8 +47,10 @@ _STOP = object()
 class _Span:
     """Ticks of one chunk, accumulating until the chunk changes."""
 
-    def __init__(self, chunk: Chunk, tick: int, held: int = 0, held_reward: float = 0.0):
+    def __init__(self, chunk: Chunk, tick: int, held: int = 0, held_reward: float = 0.0,
+                 operator: bool = False):
         self.chunk = chunk
+        self.operator = operator  # the operator's ticks: rows 0, 1, ... of ``chunk``'s shape
         self.start_tick = tick
         self.actions: list[np.ndarray] = []
         self.offsets: list[int] = []
@@ -53,7 +60,10 @@ class _Span:
         self.last: TickRecord | None = None
 
     def add(self, t: TickRecord, intervened: bool) -> None:
-        if t.chunk is None:
+        if self.operator:
+            self.actions.append(np.asarray(t.action, np.float32))
+            self.offsets.append(len(self.offsets))
+        elif t.chunk is None:
             self.underrun += 1
         else:
             self.actions.append(np.asarray(t.action, np.float32))
@@ -93,6 +103,8 @@ class Recorder:
         self.records = 0
         self.episodes = 0
         self.records_dropped = 0   # lost to a full spool or a write error (logged)
+        self.interventions = 0     # human-intervention records started (operator spans)
+        self._last_chunk: Chunk | None = None  # the shape, version and weights operator rows take
         self.last_error: str | None = None
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
@@ -131,6 +143,13 @@ class Recorder:
         if self.episode_id is None:
             log.warning("recorder: tick %d arrived outside an episode; starting one", t.tick)
             self.start_episode()
+        if t.chunk is not None:
+            self._last_chunk = t.chunk
+        if t.operator:
+            self._operator_tick(t)
+            return
+        if self._span is not None and self._span.operator:
+            self._close_span()  # the operator let go: the policy's ticks are its own again
         intervened = bool(t.clamped) and (self.envelope is None or self.envelope.intervened())
         if t.chunk is None:
             if self._span is None:
@@ -145,6 +164,37 @@ class Recorder:
             self._span = span = _Span(t.chunk, t.tick, self._held, self._held_reward)
             self._held, self._held_reward = 0, 0.0
         span.add(t, intervened)
+
+    def _operator_tick(self, t: TickRecord) -> None:
+        """A tick a human operator drove: its command becomes a row of a human-intervention
+        record (the observation of the span's first tick, up to a chunk's horizon of rows,
+        prefix empty), which the learner imitates rather than weighs as the policy's own."""
+        span = self._span
+        if span is not None and span.operator and len(span.offsets) < span.chunk.horizon:
+            span.add(t, False)
+            return
+        last = self._last_chunk
+        if t.observation is None or last is None:
+            # nothing to learn from: no observation this tick, or no chunk yet to give the
+            # record its shape; the tick counts as held, as a tick without a chunk would
+            if span is None:
+                self._held += 1
+                self._held_reward += float(t.reward)
+            else:
+                span.underrun += 1
+                span.reward += float(t.reward)
+                span.last = t
+            return
+        self._close_span()
+        zeros = np.zeros_like(last.mean, dtype=np.float32)
+        chunk = Chunk(chunk_id=-1, epoch=last.epoch, policy_version=last.policy_version,
+                      weight_sha256=last.weight_sha256, observation=t.observation,
+                      start_tick=t.tick, actions=zeros, mean=zeros, log_std=zeros, prefix=zeros,
+                      prefix_len=0)
+        self._span = span = _Span(chunk, t.tick, self._held, self._held_reward, operator=True)
+        self._held, self._held_reward = 0, 0.0
+        self.interventions += 1
+        span.add(t, False)
 
     # -- records -----------------------------------------------------------------------------
     def _close_span(self) -> None:
@@ -170,7 +220,10 @@ class Recorder:
             observation=observation_to_proto(c.observation),
             prefix=tensors.to_proto(np.asarray(c.prefix, np.float32)), prefix_len=int(c.prefix_len),
             actions=tensors.to_proto(actions), offsets=[int(o) for o in offsets],
-            behaviour_log_prob=gaussian_log_prob(c.mean, c.log_std, actions, offsets),
+            # an operator's rows have no behaviour probability under the policy
+            behaviour_log_prob=(0.0 if span.operator
+                                else gaussian_log_prob(c.mean, c.log_std, actions, offsets)),
+            human_intervention=span.operator,
             reward=span.reward, terminated=bool(last.terminated), truncated=bool(last.truncated),
             success=bool(last.success),
             verifier=pb.VerifierInfo(candidates=int(v.candidates), chosen=int(v.chosen),

@@ -49,6 +49,10 @@ class TickRecord:
     inference and nothing was left to run) or "observation" (the observation check refused the
     observation). ``action`` is the command actually sent, mapped back into the normalized action
     space; ``clamped`` says whether the envelope changed it.
+
+    ``operator``: a human operator drove this tick (``StepResult.operator``); ``action`` is then
+    the operator's command and ``observation`` what the robot observed before it (the recorder
+    turns operator ticks into human-intervention records).
     """
     tick: int
     chunk: Chunk | None
@@ -60,3 +64,5 @@ class TickRecord:
     truncated: bool
     success: bool
     held: str = ""
+    operator: bool = False
+    observation: Observation | None = None

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robots", type=int, default=8, help="robots in the learning fleet")
     p.add_argument("--staleness", type=int, default=DEFAULT_STALENESS,
                    help="the asynchronous run's staleness (the other run uses 0)")
+    p.add_argument("--supervision", type=float, default=0.0,
+                   help="fraction of the learning fleet's episodes a simulated operator watches "
+                        "and takes over when a robot stalls (human interventions); the curves "
+                        "count the unwatched episodes only")
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.only.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for staleness in (0, a.staleness):
             run = run_learning(staleness, minutes=a.minutes, robots=a.robots,
-                               out_dir=work / f"learning-s{staleness}")
+                               out_dir=work / f"learning-s{staleness}",
+                               supervision=a.supervision)
             runs.append(run)
             print(f"bench learner: learning staleness {staleness}: start "
                   f"{run['start_success']:.3f} final {run['final_success']:.3f}", flush=True)

@@ -65,7 +65,7 @@ def async_speedup(sync: dict, asynchronous: dict) -> float | None:
 def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=None,
                  out_dir=None, *, window: int = WINDOW_EPISODES,
                  publish_interval_s: float = PUBLISH_INTERVAL_S, seed: int = 0,
-                 cache_dir: str = ".tether-cache/pretrained") -> dict:
+                 cache_dir: str = ".tether-cache/pretrained", supervision: float = 0.0) -> dict:
     """One learning run at staleness S; returns {"staleness", "curve", "start_success",
     "final_success", "episodes", "versions", ...}. Canary rollout is off (fraction 0): every
     robot gets each version at once, so S alone sets how synchronous the fleet is."""
@@ -75,23 +75,29 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
     config = FleetConfig(robots=robots, minutes=minutes, out=str(out / f"staleness-{staleness}"),
                          tasks=tuple(tasks or LEARNING_TASKS), seed=seed,
                          publish_interval_s=publish_interval_s, min_episodes=robots,
-                         staleness=staleness, canary_fraction=0.0, cache_dir=cache_dir)
+                         staleness=staleness, canary_fraction=0.0, cache_dir=cache_dir,
+                         supervision=supervision)
     summary = run_fleet(config)
     samples = summary["samples"]
     curve = moving_success(samples, window, until_s=minutes * 60)
     episodes = max((s[1] for s in samples), default=0)
     first = next((s for s in samples if s[1] >= window), samples[-1] if samples else [0, 0, 0])
     updates = _updates(pathlib.Path(config.out) / "learner" / "updates.jsonl")
+    statuses = _statuses(config.out)
     return {
         "staleness": staleness, "robots": robots, "minutes": minutes, "tasks": list(config.tasks),
+        "supervision": supervision,
+        "supervised_episodes": sum(int(s.get("supervised_episodes", 0)) for s in statuses),
+        "interventions": sum(int(s.get("interventions", 0)) for s in statuses),
         "window_episodes": window, "curve": curve,
         "start_success": round(first[2] / first[1], 4) if first[1] else 0.0,
         "final_success": curve[-1][1] if curve else 0.0,
         "episodes": episodes, "versions": summary["latest_version"],
         "success_rate_by_version": summary["success_rate_by_version"],
-        "gate_wait_frac": _gate_wait_frac(_statuses(config.out)),
+        "gate_wait_frac": _gate_wait_frac(statuses),
         "updates": len(updates),
         "records_trained": sum(u.get("records", 0) for u in updates),
+        "human_records_trained": sum(u.get("human_records", 0) for u in updates),
         "dropped": {k: sum(u.get("dropped", {}).get(k, 0) for u in updates)
                     for k in ("stale", "unusable", "masked", "incomplete")},
         "out": str(config.out),
@@ -131,10 +137,13 @@ def main(argv=None) -> int:
     p.add_argument("--publish-interval", type=float, default=PUBLISH_INTERVAL_S)
     p.add_argument("--out-dir", default=None, help="where the fleets write (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--supervision", type=float, default=0.0,
+                   help="fraction of episodes a simulated operator watches (sim/supervisor.py); "
+                        "the curve counts the other episodes only")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t) or None
     runs = [run_learning(int(s), a.minutes, a.robots, tasks, a.out_dir, window=a.window,
-                         publish_interval_s=a.publish_interval)
+                         publish_interval_s=a.publish_interval, supervision=a.supervision)
             for s in a.staleness.split(",")]
     result = {"learning": runs}
     sync = next((r for r in runs if r["staleness"] == 0), None)

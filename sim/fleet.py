@@ -50,6 +50,9 @@ class FleetConfig:
     drain_timeout_s: float = 90.0
     insecure: bool = False        # plaintext gRPC; default: mutual TLS with a fresh CA per run
     rt_priority: int | None = None  # robots' control loops under SCHED_FIFO (runtime/priority.py)
+    # fraction of episodes a simulated operator watches and takes over when a robot stalls
+    # (sim/supervisor.py): human interventions for the learner's imitation term; 0: none
+    supervision: float = 0.0
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
 
@@ -58,6 +61,8 @@ class FleetConfig:
             raise ValueError(f"--robots must be >= 1, got {self.robots}")
         if self.minutes <= 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+        if not 0.0 <= self.supervision <= 1.0:
+            raise ValueError(f"--supervision must be in [0, 1], got {self.supervision}")
 
 
 def learner_trust(learner_data: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -173,6 +178,8 @@ class Fleet:
                     "--camera", c.camera, "--trusted-key", str(public_key), *self._tls_args(rid)]
             if c.rt_priority:
                 args += ["--rt-priority", str(c.rt_priority)]
+            if c.supervision:
+                args += ["--supervision", str(c.supervision)]
             if self.placement is not None:  # Ray: the same process, on some node of the cluster
                 self.robots[rid] = self.placement.start(rid, args, home)
                 continue
@@ -241,8 +248,10 @@ class Fleet:
         for s in statuses:
             eps, succ = int(s.get("episodes", 0)), int(s.get("successes", 0))
             rate = f"{100 * succ / eps:3.0f}%" if eps else "  - "
+            supervised = int(s.get("supervised_episodes", 0))
             print(f"    {s.get('robot_id', '?'):9s} {str(s.get('task', '')):26s} "
                   f"v{s.get('policy_version', '?'):<3} episodes {eps:4d}  success {rate}  "
+                  + (f"supervised {supervised:3d}  " if supervised else "") +
                   f"sent {s.get('records_spooled', 0):5d} acked {s.get('records_acked', 0):5d}",
                   flush=True)
 
@@ -360,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help="place the robots with Ray: auto (this machine's cluster, else a local "
                         "instance) or a cluster address (needs pip install 'tether[scale]')")
+    p.add_argument("--supervision", type=float, default=0.0,
+                   help="fraction of episodes a simulated operator watches, taking over (with "
+                        "the task's scripted expert) when a robot stalls; recorded as human "
+                        "interventions, which the learner imitates; success rates count the "
+                        "episodes no operator watched (default 0: none)")
     a = p.parse_args(argv)
     config = FleetConfig(ray=a.ray, robots=a.robots, minutes=a.minutes, out=a.out, seed=a.seed,
                          tasks=tuple(t for t in a.tasks.split(",") if t), camera=a.camera,
@@ -367,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                          staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
                          canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
                          insecure=a.insecure, verifier_every=a.verifier_every,
-                         rt_priority=a.rt_priority)
+                         rt_priority=a.rt_priority, supervision=a.supervision)
     summary = run_fleet(config)
     print(json.dumps({k: summary[k] for k in (
         "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",

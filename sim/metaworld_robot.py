@@ -3,6 +3,10 @@
 Every ``reset`` draws a new task variation (object and goal positions) from the env's own
 random stream, seeded once at construction, so a robot built with the same seed replays the
 same sequence of variations.
+
+``supervision`` (a ``sim.supervisor.SupervisorConfig`` or a rate): a simulated operator watches
+that fraction of episodes and drives the robot with the scripted expert once it stops making
+progress; those steps come back with ``StepResult.operator`` set.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from robots.base import Observation, StepResult
 from robots.description import RobotDescription, load_description
 from runtime.clock import Clock, WallClock
 from sim import camera as cameras
+from sim.supervisor import Supervisor, SupervisorConfig
 from sim.tasks import expert_policy, get_task
 
 METAWORLD_MAX_STEPS = 500  # Meta-World refuses to step an episode past this
@@ -30,8 +35,13 @@ class MetaWorldRobot:
 
     def __init__(self, task: str = "reach-v3", seed: int = 0, camera: str = "fast",
                  max_steps: int = 150, description: str | RobotDescription = "sawyer_metaworld",
-                 clock: Clock | None = None, end_on_success: bool = True):
+                 clock: Clock | None = None, end_on_success: bool = True,
+                 supervision: SupervisorConfig | float = 0.0):
         self._spec = get_task(task)
+        if not isinstance(supervision, SupervisorConfig):
+            supervision = SupervisorConfig(rate=float(supervision))
+        self.supervisor = (Supervisor(supervision, seed=seed + 7_777)
+                           if supervision.rate > 0 else None)
         if not 1 <= max_steps <= METAWORLD_MAX_STEPS:
             raise ValueError(f"max_steps must be in [1, {METAWORLD_MAX_STEPS}] (Meta-World's "
                              f"episode limit), got {max_steps}")
@@ -78,6 +88,8 @@ class MetaWorldRobot:
         self._obs = np.asarray(obs, np.float64)
         self._steps = 0
         self._ended = False
+        if self.supervisor is not None:
+            self.supervisor.start_episode()
         return self.observe()
 
     def observe(self) -> Observation:
@@ -97,7 +109,8 @@ class MetaWorldRobot:
         if self._ended:
             raise RuntimeError(f"the episode ended at step {self._steps}; call reset() before "
                                f"sending more actions")
-        sent = np.clip(action, self._low, self._high)
+        operator = self.supervisor is not None and self.supervisor.in_control
+        sent = self.expert_action() if operator else np.clip(action, self._low, self._high)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obs, reward, _, _, info = self._env.step(sent)
@@ -107,8 +120,10 @@ class MetaWorldRobot:
         terminated = success and self._end_on_success
         truncated = self._steps >= self._max_steps and not terminated
         self._ended = terminated or truncated
+        if self.supervisor is not None:
+            self.supervisor.observe(float(reward))
         return StepResult(reward=float(reward), terminated=terminated, truncated=truncated,
-                          success=success, sent=sent)
+                          success=success, sent=sent, operator=operator)
 
     def close(self) -> None:
         if not self._closed:
@@ -124,6 +139,11 @@ class MetaWorldRobot:
             warnings.simplefilter("ignore")
             act = self._expert.get_action(obs)
         return np.clip(np.asarray(act, np.float32), self._low, self._high)
+
+    @property
+    def supervised(self) -> bool:
+        """Whether the simulated operator watches the current episode (it may take over)."""
+        return self.supervisor is not None and self.supervisor.watching
 
     @property
     def task(self) -> str:

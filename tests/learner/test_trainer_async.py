@@ -160,3 +160,23 @@ def test_synchronous_mode_waits_for_the_running_episodes_then_trains_and_publish
     assert registry.latest() == 3 and registry.min_version == 3
     assert trainer.last_metrics["episodes"] == 2
     assert trainer.last_metrics["dropped"]["stale"] == 1
+
+
+def test_intervention_records_train_imitation_only_not_the_policy_gradient_or_its_ess(setup):
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(epochs=1, minibatch=64, max_is_ratio=2.0))
+    human = ep(session, manifest, "h", reward=5.0)
+    for r in human:
+        # an operator's rows: no behaviour probability under the policy (the recorder writes 0)
+        r.human_intervention = True
+        r.behaviour_log_prob = 0.0
+    own = ep(session, manifest, "own", reward=0.0)
+    m = trainer.train_on(human + own)
+    # with their 0.0 behaviour log-probabilities the human rows would read as weights
+    # exp(logp_prox) far below 1 (and as an ESS far below 1); they are left out instead
+    assert m["human_records"] == len(human)
+    assert m["ess"] == pytest.approx(1.0) and m["masked_frac"] == 0.0
+    assert m["dropped"]["masked"] == 0 and m["logp_gap_max"] < 1e-3
+    only_human = trainer.train_on(human)
+    assert only_human["loss_pg"] == 0.0 and only_human["loss_bc"] != 0.0
+    assert only_human["ess"] == 1.0

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -158,3 +160,35 @@ def test_a_reset_during_an_inference_does_not_delay_the_new_episodes_first_chunk
         assert worker.chunks_dropped == 1
     finally:
         worker.stop()
+
+
+class _Teleoperated(PointMassRobot):
+    """An operator holds the robot on sends ``takeover`` (a fixed command instead of the one
+    given), as a teleoperation rig reports it."""
+
+    def __init__(self, takeover, command, **kw):
+        super().__init__(**kw)
+        self.takeover, self.command = set(takeover), np.asarray(command, np.float32)
+
+    def send_action(self, action):
+        if self.sends + 1 in self.takeover:
+            res = super().send_action(self.command)
+            return dataclasses.replace(res, sent=self.command.copy(), operator=True)
+        return super().send_action(action)
+
+
+def test_operator_ticks_record_the_operators_command_and_what_was_observed():
+    clock = VirtualClock()
+    robot = _Teleoperated(takeover=range(10, 14), command=[0.5, -0.5, 0.0, 1.0], clock=clock)
+    loop, worker, robot, ticks, _ = build(robot=robot, clock=clock)
+    loop.run(max_ticks=20)
+    ops = [t for t in ticks if t.operator]
+    assert [t.tick for t in ops] == [9, 10, 11, 12] and loop.operator_ticks == 4
+    for t in ops:
+        assert np.allclose(worker.to_command(t.action), robot.command, atol=1e-6)
+        assert t.observation is not None and not t.clamped
+    assert all(t.observation is None for t in ticks if not t.operator)
+    assert loop.stats()["operator_ticks"] == 4
+    # the envelope's rate limit continues from what the robot actually did
+    after = robot.sent[13]  # sends 10..13 were the operator's (sent[9..12])
+    assert np.all(np.abs(after - robot.command) <= np.asarray(robot.describe().max_delta) + 1e-6)

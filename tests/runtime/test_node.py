@@ -121,6 +121,10 @@ def test_config_is_validated():
         NodeConfig(robot_id="r", task="t", artifact="x", actions_per_chunk=0)
     with pytest.raises(ValueError, match="rt_priority"):
         NodeConfig(robot_id="r", task="t", artifact="x", rt_priority=100)
+    with pytest.raises(ValueError, match="supervision"):
+        NodeConfig(robot_id="r", task="t", artifact="x", supervision=2.0)
+    with pytest.raises(ValueError, match="simulated operator"):
+        NodeConfig(robot_id="r", task="t", artifact="x", supervision=0.5, robot_kind="ros2")
 
 
 def test_cli_chunk_settings_reach_the_worker(artifacts, tmp_path):
@@ -168,3 +172,46 @@ def test_tether_robot_on_metaworld_stops_cleanly_on_sigterm(artifacts, tmp_path)
     assert s["versions_run"] == [1] and s["records_spooled"] > 0
     assert s["control"]["stall_ticks"] <= s["control"]["ticks"] // 4
     assert s["verifier"]["chunks_rejected"] == 0
+
+
+class _Supervised(PointMassRobot):
+    """Every other episode is watched; in a watched one the operator drives from the 5th send."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.supervised = True
+        self._sends_in_episode = 0
+
+    def reset(self):
+        self.supervised = not self.supervised
+        self._sends_in_episode = 0
+        return super().reset()
+
+    def send_action(self, action):
+        import dataclasses
+        self._sends_in_episode += 1
+        res = super().send_action(action)
+        if self.supervised and self._sends_in_episode >= 5:
+            return dataclasses.replace(res, operator=True)
+        return res
+
+
+def test_supervised_episodes_are_recorded_as_interventions_and_not_counted_as_the_policys(
+        artifacts, tmp_path):
+    from runtime.spool import Spool
+
+    config = NodeConfig(robot_id="r0", task="reach", artifact=str(artifacts / "v1"),
+                        spool=str(tmp_path / "spool"), status=str(tmp_path / "status.json"),
+                        seconds=3.0, trusted_keys=(public_key_for_tests(),))
+    robot = _Supervised(max_steps=10)
+    node = RobotNode(config, robot=robot)
+    status = node.run()
+    total = status["episodes"] + status["supervised_episodes"]
+    assert status["supervised_episodes"] >= 2 and abs(status["episodes"] - status["supervised_episodes"]) <= 1
+    assert sum(eps for _, eps in status["success_by_version"].values()) == status["episodes"]
+    assert status["interventions"] >= status["supervised_episodes"]
+    assert status["control"]["operator_ticks"] >= 5 * (status["supervised_episodes"] - 1)
+    records = [r for _, b in Spool(tmp_path / "spool", "r0").peek(10_000) for r in b.records]
+    human = [r for r in records if r.human_intervention]
+    assert human and all(r.behaviour_log_prob == 0.0 and r.prefix_len == 0 for r in human)
+    assert len({r.episode_id for r in records}) >= total - 1

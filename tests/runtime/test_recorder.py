@@ -153,3 +153,64 @@ def test_on_tick_never_waits_for_the_disk(tmp_path):
     rec.close()
     assert spool.pending() == 20 and rec.records_dropped == 0
     assert worst < 0.05, f"on_tick took {worst * 1e3:.1f} ms; the writer thread should absorb it"
+
+
+def _operator_tick(tick, rng, observation=True, chunk=None, **done):
+    obs = (Observation(images={"front": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)},
+                       state=rng.normal(size=4).astype(np.float32), instruction="op",
+                       timestamp=0.01 * tick) if observation else None)
+    return TickRecord(tick=tick, chunk=chunk, offset=0, action=rng.normal(size=A).astype(np.float32),
+                      clamped=False, reward=0.5, terminated=done.get("terminated", False),
+                      truncated=False, success=done.get("success", False), operator=True,
+                      observation=obs)
+
+
+def test_operator_ticks_become_human_intervention_records(tmp_path):
+    rng = np.random.default_rng(3)
+    spool = Spool(tmp_path, "r1")
+    rec = Recorder(spool, "r1", "t", batch_records=100, background=False)
+    rec.start_episode("ep-op")
+    c1 = _chunk(1, 0, rng)
+    policy_ticks = [_tick(0, c1, 0, rng), _tick(1, c1, 1, rng)]
+    # the operator takes over for H + 2 ticks (the policy's chunk keeps arriving, ignored),
+    # lets go for one policy tick, then takes over again until the episode succeeds
+    op1 = [_operator_tick(2 + i, rng, chunk=c1 if i < 2 else None) for i in range(H + 2)]
+    back = _tick(2 + H + 2, c1, 3, rng)
+    op2 = [_operator_tick(H + 5, rng), _operator_tick(H + 6, rng, terminated=True, success=True)]
+    for t in policy_ticks + op1 + [back] + op2:
+        rec.on_tick(t)
+    rec.end_episode()
+    recs = _all_records(spool)
+    assert [r.human_intervention for r in recs] == [False, True, True, False, True]
+    assert rec.interventions == 3
+    own, h1, h2, again, h3 = recs
+    assert list(own.offsets) == [0, 1] and own.behaviour_log_prob != 0.0
+    # an intervention record: the observation before the operator's first tick, its commands
+    # as rows 0, 1, ... (at most a horizon per record), no prefix, no behaviour probability
+    assert list(h1.offsets) == list(range(H)) and list(h2.offsets) == [0, 1]
+    assert np.array_equal(tensors.from_proto(h1.actions), np.stack([t.action for t in op1[:H]]))
+    assert np.array_equal(tensors.from_proto(h2.actions), np.stack([t.action for t in op1[H:]]))
+    assert np.array_equal(tensors.from_proto(h1.observation.state), op1[0].observation.state)
+    assert np.array_equal(tensors.from_proto(h2.observation.state), op1[H].observation.state)
+    assert h1.prefix_len == 0 and tensors.from_proto(h1.prefix).shape == (H, A)
+    assert h1.behaviour_log_prob == 0.0 and h1.policy_version == c1.policy_version
+    assert (h1.reward, h1.start_tick) == (0.5 * H, 2)
+    assert list(again.offsets) == [3] and not again.human_intervention
+    assert h3.terminated and h3.success and list(h3.offsets) == [0, 1]
+    assert [r.seq for r in recs] == sorted(r.seq for r in recs)
+
+
+def test_operator_ticks_without_an_observation_or_a_chunk_count_as_held(tmp_path):
+    rng = np.random.default_rng(4)
+    spool = Spool(tmp_path, "r1")
+    rec = Recorder(spool, "r1", "t", background=False)
+    rec.start_episode("ep")
+    c1 = _chunk(1, 1, rng)
+    # before any chunk the record's shape is unknown; a tick without an observation has
+    # nothing to imitate from: both are held ticks of the next record
+    for t in [_operator_tick(0, rng), _operator_tick(1, rng, observation=False),
+              _tick(2, c1, 0, rng, truncated=True)]:
+        rec.on_tick(t)
+    rec.end_episode()
+    (only,) = _all_records(spool)
+    assert not only.human_intervention and only.underrun_ticks == 2 and rec.interventions == 0

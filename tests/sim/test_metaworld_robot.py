@@ -120,3 +120,48 @@ def test_use_after_close_is_loud():
 def test_max_steps_beyond_metaworld_limit_is_refused():
     with pytest.raises(ValueError, match="max_steps"):
         MetaWorldRobot("reach-v3", max_steps=501)
+
+
+def test_a_supervised_robot_that_stalls_is_taken_over_by_the_expert():
+    from sim.supervisor import SupervisorConfig
+
+    config = SupervisorConfig(rate=1.0, patience=10, earliest=15)
+    r = MetaWorldRobot("reach-v3", seed=0, max_steps=150, supervision=config)
+    try:
+        r.reset()
+        assert r.supervised
+        results = []
+        for _ in range(150):
+            expert = r.expert_action()
+            res = r.send_action(np.zeros(4, np.float32))  # the robot stands still: no progress
+            results.append((res, expert))
+            if res.terminated or res.truncated:
+                break
+        first = next(i for i, (res, _) in enumerate(results) if res.operator)
+        assert first >= config.earliest - 1  # not before ``earliest`` steps, then held to the end
+        assert all(res.operator for res, _ in results[first:])
+        assert all(not res.operator and not res.sent.any() for res, _ in results[:first])
+        for res, expert in results[first:]:
+            assert np.allclose(res.sent, expert)  # the operator drives with the expert's command
+        assert results[-1][0].success and r.supervisor.takeovers == 1
+    finally:
+        r.close()
+
+
+def test_supervision_watches_about_its_rate_of_episodes_and_zero_never():
+    r = MetaWorldRobot("reach-v3", seed=1, max_steps=30, supervision=0.5)
+    off = MetaWorldRobot("reach-v3", seed=1, max_steps=30)
+    try:
+        watched = 0
+        for _ in range(40):
+            r.reset()
+            watched += r.supervised
+        assert 10 <= watched <= 30
+        off.reset()
+        assert off.supervisor is None and not off.supervised
+        assert not off.send_action(np.zeros(4, np.float32)).operator
+    finally:
+        r.close()
+        off.close()
+    with pytest.raises(ValueError, match="supervision rate"):
+        MetaWorldRobot("reach-v3", supervision=1.5)
