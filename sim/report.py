@@ -23,6 +23,10 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
         "duration_s": round(duration_s, 1),
         "episodes": sum(int(s.get("episodes", 0)) for s in statuses),
         "successes": sum(int(s.get("successes", 0)) for s in statuses),
+        # episodes an operator watched (--supervision; not in episodes/successes) and the
+        # human-intervention records its takeovers produced
+        "supervised_episodes": sum(int(s.get("supervised_episodes", 0)) for s in statuses),
+        "interventions": sum(int(s.get("interventions", 0)) for s in statuses),
         "transitions_sent": sum(int(s.get("records_spooled", 0)) for s in statuses),
         "transitions_acked": sum(int(s.get("records_acked", 0)) for s in statuses),
         "transitions_stored": int(learner.get("records_stored", 0)),
@@ -39,6 +43,7 @@ def aggregate(statuses: list[dict], learner: dict, duration_s: float) -> dict:
             "ticks": sum(int(c.get("ticks", 0)) for c in ctl),
             "deadline_misses": sum(int(c.get("deadline_misses", 0)) for c in ctl),
             "stall_ticks": sum(int(c.get("stall_ticks", 0)) for c in ctl),
+            "operator_ticks": sum(int(c.get("operator_ticks", 0)) for c in ctl),
             "verifier_hold_ticks": sum(int(c.get("verifier_hold_ticks", 0)) for c in ctl),
             "jitter_p99_ms": max((float(c.get("jitter_p99_ms", 0.0)) for c in ctl), default=0.0),
         },

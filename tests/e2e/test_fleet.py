@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_fleet_learns_and_loses_nothing(tmp_path):
     out = tmp_path / "fleet"
     cmd = [sys.executable, "-m", "tether.cli", "fleet", "--robots", "2", "--minutes", "1",
-           "--publish-interval", "12", "--out", str(out),
+           "--publish-interval", "12", "--out", str(out), "--supervision", "0.5",
            "--cache-dir", str(REPO / ".tether-cache" / "pretrained")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -38,3 +38,15 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     # over mutual TLS by default: a fresh CA and one certificate (key 0600) per robot
     assert (out / "certs" / "robot-1" / "key.pem").stat().st_mode & 0o077 == 0
     assert "plaintext" not in (out / "learner.log").read_text()
+    # a simulated operator watched about half the episodes and took over stalled ones: its
+    # commands reached the store as human interventions and the trainer imitated them
+    assert s["supervised_episodes"] > 0 and s["interventions"] > 0
+    assert s["control"]["operator_ticks"] > 0
+    from learner.store import ExperienceStore
+    store = ExperienceStore(out / "learner" / "experience", readonly=True)
+    try:
+        flags = [x for t in store.scan(["human_intervention"])
+                 for x in t.column("human_intervention").to_pylist()]
+    finally:
+        store.close()
+    assert 0 < sum(flags) < len(flags)
