@@ -43,6 +43,9 @@ STATE_FILE = "rollout.json"
 MAX_OPEN_EPISODES = 10_000
 
 
+_OPERATOR = -1  # the open-episode counter's key for an operator's chunks (versions are >= 1)
+
+
 class Outcome(typing.NamedTuple):
     """What the rollout measures of one stored chunk (the store's typed columns)."""
     robot_id: str
@@ -52,13 +55,15 @@ class Outcome(typing.NamedTuple):
     terminated: bool
     truncated: bool
     success: bool
+    human_intervention: bool = False  # an operator's chunk: not the version's doing
 
     @classmethod
     def of(cls, r) -> "Outcome":
         """From a pb.ChunkRecord."""
         return cls(r.robot_id, r.episode_id, int(r.policy_version),
                    int(r.verifier.actions_clamped) + int(r.verifier.rejected),
-                   bool(r.terminated), bool(r.truncated), bool(r.success))
+                   bool(r.terminated), bool(r.truncated), bool(r.success),
+                   bool(r.human_intervention))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,17 +320,24 @@ class RolloutController:
                 s = self._stats.get(v)
                 if s is None:
                     s = self._stats[v] = VersionStats(window)
-                s.chunks += 1
-                s.interventions += r.interventions or 0
                 key = (r.robot_id, r.episode_id)
                 counts = self._open.get(key)
                 if counts is None:
                     counts = self._open[key] = collections.Counter()
                     while len(self._open) > MAX_OPEN_EPISODES:
                         self._open.popitem(last=False)
-                counts[v] += 1
+                if r.human_intervention:
+                    # an operator drove: neither its chunks nor the episode's outcome are the
+                    # version's (its success would be the operator's)
+                    counts[_OPERATOR] += 1
+                else:
+                    s.chunks += 1
+                    s.interventions += r.interventions or 0
+                    counts[v] += 1
                 if r.terminated or r.truncated:
                     del self._open[key]
+                    if counts.pop(_OPERATOR, 0) or not counts:
+                        continue
                     owner = max(counts, key=lambda x: (counts[x], x))
                     o = self._stats.setdefault(owner, VersionStats(window))
                     o.episodes += 1

@@ -237,6 +237,7 @@ def test_measuring_from_the_stores_columns_matches_the_records(tmp_path):
     recs = (_records("x", 1, [True, False, True]) + _records("y", 2, [False, True], clamped=3)
             + _records("y", 2, [True], clamped=1, start=5))
     recs[1].verifier.rejected = 2
+    recs[-1].human_intervention = True  # an operator finished that episode: not version 2's
     for i, r in enumerate(recs):
         store.append(pb.ExperienceBatch(robot_id=r.robot_id, batch_seq=i + 1, records=[r]))
     from_store = RolloutController(_Registry(tmp_path), store, CanaryConfig(fraction=0.5))
@@ -248,5 +249,18 @@ def test_measuring_from_the_stores_columns_matches_the_records(tmp_path):
         a, b = from_store._stats[v], direct._stats[v]
         assert (a.chunks, a.interventions, a.episodes, a.successes) == \
                (b.chunks, b.interventions, b.episodes, b.successes)
-    assert from_store._stats[2].interventions == 3 + 3 + 1 and from_store._stats[1].interventions == 2
+    assert from_store._stats[2].interventions == 3 + 3 and from_store._stats[1].interventions == 2
+    assert (from_store._stats[2].episodes, from_store._stats[2].chunks) == (2, 2)
     store.close()
+
+
+def test_an_operators_chunks_and_the_episodes_they_finish_are_not_the_versions(tmp_path):
+    c = RolloutController(_Registry(tmp_path), None, CanaryConfig(fraction=0.5))
+    own = simple_record("r", "ep-1", 1, version=2)
+    took_over = simple_record("r", "ep-1", 2, version=2, done=True, success=True)
+    took_over.human_intervention = True
+    alone = simple_record("r", "ep-2", 3, version=2, done=True, success=False)
+    c.observe([own, took_over, alone])
+    s = c._stats[2]
+    # the operator's success is not the version's; its own failing episode still counts
+    assert (s.episodes, s.successes, s.chunks) == (1, 0, 2)
