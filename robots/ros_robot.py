@@ -7,6 +7,10 @@ A real robot has no episodes of its own: an episode is a stretch of commanding t
 the node holds (stale data, deactivation) or the instruction changes. ``reset`` does not move the
 robot; while holding it raises ``Holding`` so that no new episode starts on stale data.
 Units: joint positions (radians or metres) in the description's joint order.
+
+An operator (``set_operator``: the node's teleoperation input) takes precedence over the policy:
+while it gives a command, ``send_action`` sends that (within the joint bounds) and reports it
+with ``StepResult.operator``, so the runtime records a human intervention.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ class RosRobot:
         self._obs: Observation | None = None
         self._instruction = ""
         self._last: np.ndarray | None = None
+        self._operator: np.ndarray | None = None
         self._fresh_episode = True
         self._lo, self._hi = description.bounds()
         self._step = np.asarray(description.max_delta, np.float32)
@@ -69,6 +74,14 @@ class RosRobot:
     def set_observation(self, obs: Observation) -> None:
         self._obs = obs
         self.hold_reason = None
+
+    def set_operator(self, command: np.ndarray | None) -> None:
+        """The operator's joint targets for the next ``send_action`` (None: the policy drives)."""
+        self._operator = None if command is None else np.asarray(command, np.float32)
+
+    @property
+    def operator_driving(self) -> bool:
+        return self._operator is not None
 
     def request_hold(self, reason: str) -> None:
         """The next ``send_action`` holds instead of moving and ends the episode."""
@@ -95,6 +108,13 @@ class RosRobot:
             self.holds_sent += 1
             self.live = False
             return StepResult(0.0, False, True, False, np.asarray(hold, np.float32))
+        changed = self._obs.instruction != self._instruction
+        if self._operator is not None:  # the operator drives: its command, inside the bounds
+            cmd = np.clip(self._operator, self._lo, self._hi).astype(np.float32)
+            self.publish(cmd)
+            self._last = cmd
+            self._fresh_episode = False
+            return StepResult(0.0, False, changed, False, cmd, operator=True)
         cmd = np.asarray(action, np.float32)
         if self._fresh_episode:
             # the envelope limits speed against the last command; a new episode has none, so
@@ -105,7 +125,6 @@ class RosRobot:
             self._fresh_episode = False
         self.publish(cmd)
         self._last = cmd
-        changed = self._obs.instruction != self._instruction
         return StepResult(0.0, False, changed, False, cmd)
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from runtime.clock import WallClock
 from runtime.node import NodeConfig, RobotNode
 from runtime.priority import realtime, worker_rt_priority
 from runtime.ros.params import RosParams
-from runtime.ros.sensors import SensorCache, to_stamp
+from runtime.ros.sensors import SensorCache, TeleopInput, to_stamp
 from runtime.status import LatencyWindow
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class RosNodeCore:
         self.state = "unconfigured"
         self.node: RobotNode | None = None
         self.cache: SensorCache | None = None
+        self.teleop: TeleopInput | None = None  # the operator's input (teleop_topic)
         self.robot: RosRobot | None = None
         self.holding: str | None = None
         self.hold_counts: collections.Counter[str] = collections.Counter()
@@ -154,6 +155,10 @@ class RosNodeCore:
             t.subscribe(kind, p.image_topic_for(cam), "sensor",
                         lambda m, c=cam: cache.on_image(c, m, t.now(), kind != "image"))
         t.subscribe("string", p.instruction_topic, "latched", cache.on_instruction)
+        if p.teleop_topic:
+            self.teleop = TeleopInput(self.robot.description.joints, p.teleop_timeout_s)
+            t.subscribe("joint_state", p.teleop_topic, "sensor",
+                        lambda m: self.teleop.on_joint_state(m, t.now()))
         cmd_kind = "trajectory" if p.command_mode == "trajectory" else "float64_array"
         self._publish_cmd = t.publisher(cmd_kind, p.command_topic, "command")
         self._publish_diag = t.publisher("diagnostics", p.diagnostics_topic, "status")
@@ -243,6 +248,7 @@ class RosNodeCore:
                 self.holding = None
                 self._diagnose(force=True)
             self.robot.set_observation(self.cache.observation())
+            self.robot.set_operator(self.teleop.command(now) if self.teleop is not None else None)
             self.node.loop.step()
         elif self.holding is None or reason.split(":")[0] != self.holding.split(":")[0]:
             first = self.holding is None
@@ -292,6 +298,8 @@ class RosNodeCore:
             level, message = OK, f"{self.state}: holding position"
         elif self.holding:
             level, message = WARN, f"hold: {self.holding}"
+        elif loop.operator_ticks and self.robot is not None and self.robot.operator_driving:
+            level, message = OK, "operator driving (teleop)"
         else:
             level, message = OK, "commanding"
         inf = status["inference"]
@@ -299,6 +307,8 @@ class RosNodeCore:
                   "holds": dict(self.hold_counts), "policy_version": status["policy_version"],
                   "ticks": loop.ticks, "commands_sent": self.commands_sent,
                   "stall_ticks": loop.stall_ticks, "verifier_hold_ticks": loop.verifier_hold_ticks,
+                  "operator_ticks": loop.operator_ticks, "interventions": status["interventions"],
+                  "teleop_refused": self.teleop.refused if self.teleop is not None else 0,
                   "deadline_misses": self.deadline_misses,
                   "control_sched": "%s %d" % self.control_sched,
                   "jitter_p99_ms": round(1e3 * self.lateness.quantile(0.99), 3),

@@ -42,6 +42,8 @@ class RosParams:
     time_from_start_s: float = 0.0
     diagnostics_topic: str = "/diagnostics"
     diagnostics_period_s: float = 1.0
+    teleop_topic: str = "/tether/teleop"
+    teleop_timeout_s: float = 0.2
     max_age_s: float = 0.2
     max_skew_s: float = 0.1
     learner: str = ""
@@ -70,6 +72,7 @@ class RosParams:
              f"got {self.max_age_s} and {self.max_skew_s}"),
             (self.time_from_start_s >= 0, "time_from_start_s must be >= 0 (0: one period)"),
             (self.diagnostics_period_s > 0, "diagnostics_period_s must be > 0"),
+            (self.teleop_timeout_s > 0, f"teleop_timeout_s must be > 0, got {self.teleop_timeout_s}"),
             (bool(self.robot_id), "robot_id must not be empty"),
             (bool(self.learner_cert) == bool(self.learner_key), "give both learner_cert and "
              "learner_key (mutual TLS) or neither"),
@@ -121,6 +124,10 @@ DESCRIPTIONS = {
     "command_topic": "command output (reliable)",
     "time_from_start_s": "time_from_start of each trajectory point; 0 = one control period",
     "diagnostics_topic": "diagnostic_msgs/DiagnosticArray output",
+    "teleop_topic": "sensor_msgs/JointState input: an operator's joint position targets; while "
+                    "they arrive the operator drives and the node records human interventions "
+                    "(empty: no teleoperation)",
+    "teleop_timeout_s": "the operator lets go when no teleop message came for this long (s)",
     "diagnostics_period_s": "seconds between diagnostics messages (and on every state change)",
     "max_age_s": "hold when the newest joint state or image is older than this (s)",
     "max_skew_s": "hold when cameras and joint states are further apart than this (s)",

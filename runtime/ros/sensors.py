@@ -162,3 +162,39 @@ class SensorCache:
             j, images, instruction = self._joints, dict(self._images), self._instruction
         return Observation(images={c: r.value for c, r in images.items()}, state=j.value.copy(),
                            instruction=instruction, timestamp=j.stamp)
+
+
+class TeleopInput:
+    """An operator's joint position targets (sensor_msgs/JointState on ``teleop_topic``, e.g.
+    from a leader arm or a teleoperation tool): while a message is fresher than ``timeout_s``
+    the operator has the robot and its command is sent instead of the policy's; the node
+    records those ticks as human interventions. A message without every joint, or with a
+    non-finite position, is ignored (and counted): it cannot be a command."""
+
+    def __init__(self, joints: tuple[str, ...], timeout_s: float):
+        self.joints, self.timeout_s = tuple(joints), float(timeout_s)
+        self._lock = threading.Lock()
+        self._last: Reading | None = None
+        self.received = self.refused = 0
+
+    def on_joint_state(self, msg, received: float) -> None:
+        index = {n: i for i, n in enumerate(msg.name)}
+        with self._lock:
+            self.received += 1
+            if any(j not in index for j in self.joints) or len(msg.position) < len(msg.name):
+                self.refused += 1
+                return
+            pos = np.asarray([msg.position[index[j]] for j in self.joints], np.float32)
+            if not np.all(np.isfinite(pos)):
+                self.refused += 1
+                return
+            # the receive time, not the header stamp: a takeover lasts while messages arrive
+            self._last = Reading(received, pos)
+
+    def command(self, now: float) -> np.ndarray | None:
+        """The operator's command at ``now``, or None when no operator is driving."""
+        with self._lock:
+            last = self._last
+        if last is None or now - last.stamp > self.timeout_s:
+            return None
+        return last.value.copy()

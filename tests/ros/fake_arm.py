@@ -33,7 +33,7 @@ def main() -> int:
     desc = load_description("arm7_position")
     joints = list(desc.joints)
     pos = [float(x) for x in a.home.split(",")]
-    state = {"camera": True, "skew": 0.0, "quit": False}
+    state = {"camera": True, "skew": 0.0, "quit": False, "teleop": None}
     lock = threading.Lock()
     t = DdsTransport(a.domain)
     log = open(a.log, "w", buffering=1)
@@ -54,6 +54,7 @@ def main() -> int:
     pub_js = t.publisher("joint_state", "/joint_states", "sensor")
     pub_img = t.publisher("image", "/camera/front/image_raw", "sensor")
     pub_instr = t.publisher("string", "/tether/instruction", "latched")
+    pub_teleop = t.publisher("joint_state", "/tether/teleop", "sensor")
     pub_instr(msgs.String(data="reach the shelf"))
     image = bytes((i * 7) % 256 for i in range(64 * 64 * 3))
 
@@ -67,6 +68,10 @@ def main() -> int:
                     state["camera"] = True
                 elif cmd[:1] == ["skew"]:
                     state["skew"] = float(cmd[1])
+                elif cmd == ["teleop", "off"]:
+                    state["teleop"] = None
+                elif cmd[:1] == ["teleop"]:  # an operator holds the arm at this position
+                    state["teleop"] = float(cmd[1])
                 elif cmd == ["quit"]:
                     state["quit"] = True
         state["quit"] = True
@@ -78,6 +83,10 @@ def main() -> int:
         now = time.time()
         with lock:
             positions, camera, skew = list(pos), state["camera"], state["skew"]
+            teleop = state["teleop"]
+        if teleop is not None:
+            pub_teleop(msgs.JointState(header=header(now), name=joints, position=[teleop] * 7,
+                                       velocity=[], effort=[]))
         pub_js(msgs.JointState(header=header(now), name=joints, position=positions,
                                velocity=[0.0] * 7, effort=[]))
         if camera and k % 3 == 0:

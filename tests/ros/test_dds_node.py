@@ -148,6 +148,19 @@ def test_node_over_dds_commands_holds_and_follows_the_lifecycle(loopback, tmp_pa
         arm.send("skew 0")
         diag.wait_for("commanding")
 
+        # an operator takes over on the teleop topic: its targets go out, recorded as such
+        arm.send("teleop -0.2")
+        diag.wait_for("operator driving")
+        t_op = time.time()
+        time.sleep(0.5)
+        taken = count_between(arm.commands(), t_op + 0.1, time.time() - 0.1)
+        assert taken and all(np.allclose(c["positions"], np.clip(np.full(7, -0.2), lo, hi))
+                             for c in taken)
+        arm.send("teleop off")
+        diag.wait_for("commanding")
+        _, _, values = diag.last()
+        assert int(values["operator_ticks"]) >= 5 and int(values["interventions"]) >= 1
+
         # deactivate holds and stops commanding; activate resumes; cleanup unconfigures
         core.deactivate()
         diag.wait_for("inactive")

@@ -141,3 +141,38 @@ def test_before_its_first_command_the_ros_robot_holds_at_the_measured_joints():
     robot.set_observation(cache.observation())
     assert np.allclose(robot.describe().hold_action(None), 0.25)
     assert np.allclose(robot.describe().hold_action(np.ones(7)), 1.0)
+
+
+def test_an_operator_drives_while_teleop_messages_are_fresh_and_it_is_recorded_as_such():
+    from runtime.ros.sensors import TeleopInput
+
+    desc = load_description("arm7_position")
+    sent = []
+    robot = RosRobot(desc, sent.append)
+    cache = SensorCache(JOINTS, {"front": (2, 3, 3)}, 1.0, 1.0, "pick")
+    cache.on_joint_state(joint_state(1.0, value=0.0), 1.0)
+    cache.on_image("front", image(1.0), 1.0)
+    robot.set_observation(cache.observation())
+    robot.reset()
+    teleop = TeleopInput(JOINTS, timeout_s=0.2)
+    assert teleop.command(1.0) is None
+    teleop.on_joint_state(joint_state(0.0, value=0.3), received=1.0)   # unstamped is fine
+    teleop.on_joint_state(joint_state(1.0, names=JOINTS[:3]), received=1.05)  # missing joints
+    teleop.on_joint_state(joint_state(1.0, value=float("nan")), received=1.05)
+    assert (teleop.received, teleop.refused) == (3, 2)
+    robot.set_operator(teleop.command(1.1))
+    res = robot.send_action(np.zeros(7, np.float32))
+    # the operator's command goes out (within the joint limits; no first-command limit: the
+    # operator moves the arm on purpose), reported as the operator's
+    lo, hi = desc.bounds()
+    wanted = np.clip(np.full(7, 0.3), lo, hi)
+    assert res.operator and np.allclose(res.sent, wanted) and np.allclose(sent[-1], wanted)
+    assert robot.operator_driving
+    robot.set_operator(teleop.command(1.3))  # 0.3 s since the last message: the operator let go
+    assert not robot.operator_driving
+    back = robot.send_action(np.full(7, 0.31, np.float32))
+    assert not back.operator and np.allclose(back.sent, 0.31)
+    robot.set_operator(np.full(7, 99.0, np.float32))  # beyond the joint limits: held to them
+    assert np.allclose(robot.send_action(np.zeros(7, np.float32)).sent, hi)
+    with pytest.raises(ValueError, match="teleop_timeout_s"):
+        RosParams(teleop_timeout_s=0)
