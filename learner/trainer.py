@@ -352,8 +352,12 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self._base_lr):
             group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
         successful = [any(r.success for r in ep) for ep in episodes]
+        # the policy's own chunks are imitated when its episode succeeded on its own: an episode
+        # an operator rescued succeeded because of the operator, after the policy had stalled
+        own_success = [ok and not any(r.human_intervention for r in ep)
+                       for ok, ep in zip(successful, episodes)]
         imitate = torch.tensor([ok or r.human_intervention
-                                for ok, ep in zip(successful, episodes) for r in ep])
+                                for ok, ep in zip(own_success, episodes) for r in ep])
         rows = batch.row_mask.sum(-1).clamp(min=1.0)
         sums = collections.defaultdict(float)
         steps = 0

@@ -180,3 +180,18 @@ def test_intervention_records_train_imitation_only_not_the_policy_gradient_or_it
     only_human = trainer.train_on(human)
     assert only_human["loss_pg"] == 0.0 and only_human["loss_bc"] != 0.0
     assert only_human["ess"] == 1.0
+
+
+def test_an_episode_an_operator_rescued_does_not_teach_the_policys_own_chunks(setup):
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(epochs=1, minibatch=64))
+    rescued = ep(session, manifest, "r", success=True)
+    for r in rescued[2:]:  # the operator took over after two of the policy's chunks, and won
+        r.human_intervention = True
+        r.behaviour_log_prob = 0.0
+    alone = ep(session, manifest, "a", success=True)
+    m = trainer.train_on(rescued + alone)
+    # imitated: the operator's chunks and the episode the policy won alone, not the two chunks
+    # that led to the stall
+    n = len(rescued) + len(alone)
+    assert m["imitate_frac"] == pytest.approx((len(rescued) - 2 + len(alone)) / n)
