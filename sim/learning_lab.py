@@ -10,7 +10,8 @@ episodes as a 15-minute fleet collects in a few minutes. What it does not measur
 rollout, asynchrony) is ``sim.bench_learning``'s part.
 
 ``.venv/bin/python -m sim.learning_lab --iterations 50 --episodes 6 --out lab.jsonl``
-``--trainer '{"lr": 3e-5}'`` overrides ``TrainerConfig`` fields; ``--supervision 0.5`` adds the
+``--trainer '{"lr": 3e-5}'`` overrides ``TrainerConfig`` fields, ``--pretrain
+'{"episodes_per_task": 100}'`` the behaviour-cloned start; ``--supervision 0.5`` adds the
 simulated operator (its watched episodes are left out of the success rates).
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
 
 def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | None = None,
         supervision: float = 0.0, seed: int = 0, cache_dir: str = ".tether-cache/pretrained",
-        work_dir=None, log=print) -> list[dict]:
+        work_dir=None, log=print, pretrain: dict | None = None) -> list[dict]:
     """One JSON-able row per iteration: per-task success of the unwatched episodes, counts,
     and the update's metrics."""
     import torch
@@ -98,7 +99,7 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
     from sim.metaworld_robot import MetaWorldRobot
 
     torch.set_num_threads(1)
-    artifact = ensure_pretrained(tasks, cache_dir, seed=seed)
+    artifact = ensure_pretrained(tasks, cache_dir, seed=seed, **(pretrain or {}))
     work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="tether-lab-"))
     registry = Registry(work / "registry", signing_key=SigningKey.generate())
     registry.import_initial(artifact, artifact.parent / "model.pt")
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="", help="comma-separated (default: sim.tasks.DEFAULT_TASKS)")
     p.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
     p.add_argument("--supervision", type=float, default=0.0)
+    p.add_argument("--pretrain", default="{}",
+                   help="pretraining settings (learner.pretrain.PretrainConfig fields), as JSON; "
+                        "the cache keeps one policy per setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write one JSON line per iteration here")
     a = p.parse_args(argv)
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
             out.write(line + "\n")
             out.flush()
 
-    rows = run(a.iterations, a.episodes, tasks, json.loads(a.trainer), a.supervision, a.seed, log=log)
+    rows = run(a.iterations, a.episodes, tasks, json.loads(a.trainer), a.supervision, a.seed,
+               log=log, pretrain=json.loads(a.pretrain))
     for start in range(0, len(rows), 10):
         block = rows[start:start + 10]
         n = sum(t["episodes"] for r in block for t in r["tasks"].values())
