@@ -91,16 +91,21 @@ def test_hold_reasons_waiting_stale_out_of_sync_and_bad_messages():
     assert cache.hold_reason(10.17) is None
 
 
+def observed_at(position=0.0):
+    """One synchronized observation: every joint at ``position``, one 2 x 3 camera."""
+    cache = SensorCache(JOINTS, {"front": (2, 3, 3)}, 1.0, 1.0, "pick")
+    cache.on_joint_state(joint_state(1.0, value=position), 1.0)
+    cache.on_image("front", image(1.0), 1.0)
+    return cache.observation()
+
+
 def test_ros_robot_limits_its_first_command_and_holds_in_place():
     desc = load_description("arm7_position")
     sent = []
     robot = RosRobot(desc, sent.append)
-    cache = SensorCache(JOINTS, {"front": (2, 3, 3)}, 1.0, 1.0, "pick")
-    cache.on_joint_state(joint_state(1.0, value=0.0), 1.0)
-    cache.on_image("front", image(1.0), 1.0)
     with pytest.raises(Holding, match="not started"):
         robot.reset()
-    robot.set_observation(cache.observation())
+    robot.set_observation(observed_at())
     robot.reset()
     far = np.full(7, 1.0, np.float32)
     first = robot.send_action(far)
@@ -135,10 +140,7 @@ def test_before_its_first_command_the_ros_robot_holds_at_the_measured_joints():
     robot = RosRobot(load_description("arm7_position"), lambda a: None)
     with pytest.raises(Holding):
         robot.describe().hold_action(None)
-    cache = SensorCache(JOINTS, {"front": (2, 3, 3)}, 1.0, 1.0, "pick")
-    cache.on_joint_state(joint_state(1.0, value=0.25), 1.0)
-    cache.on_image("front", image(1.0), 1.0)
-    robot.set_observation(cache.observation())
+    robot.set_observation(observed_at(0.25))
     assert np.allclose(robot.describe().hold_action(None), 0.25)
     assert np.allclose(robot.describe().hold_action(np.ones(7)), 1.0)
 
@@ -149,10 +151,7 @@ def test_an_operator_drives_while_teleop_messages_are_fresh_and_it_is_recorded_a
     desc = load_description("arm7_position")
     sent = []
     robot = RosRobot(desc, sent.append)
-    cache = SensorCache(JOINTS, {"front": (2, 3, 3)}, 1.0, 1.0, "pick")
-    cache.on_joint_state(joint_state(1.0, value=0.0), 1.0)
-    cache.on_image("front", image(1.0), 1.0)
-    robot.set_observation(cache.observation())
+    robot.set_observation(observed_at())
     robot.reset()
     teleop = TeleopInput(JOINTS, timeout_s=0.2)
     assert teleop.command(1.0) is None
