@@ -23,7 +23,10 @@ measured wall time), so the simulator moves ``d`` ticks while a chunk is "being 
 runs are reproducible.
 
 ``stage(policy)`` swaps a new policy in between two inferences (never mid-chunk, never blocking
-the control loop); the one it replaces stays as ``previous`` for ``rollback()``.
+the control loop); the one it replaces stays as ``previous`` for ``rollback()``. A staged policy
+does not wait for the running chunk to run low: the next tick requests an inference, the worker
+swaps before it, and the new policy's chunk takes over after the committed prefix (one tick plus
+an inference after staging, instead of up to a chunk's execution horizon).
 """
 from __future__ import annotations
 
@@ -181,7 +184,11 @@ class InferenceWorker:
             # first chunk: the worker takes this one right after it (else a stall tick follows
             # every reset that lands during an inference)
             busy = self._in_flight and self._in_flight_epoch == self.epoch
-            if busy or self.queue.remaining(tick) > self.threshold():
+            # a staged version is inferred with at once rather than when this chunk runs low:
+            # its chunk takes over after the committed prefix, like any chunk (not when the
+            # robot waits for every chunk: there an early request would stop it mid-chunk)
+            early = self._staged is not None and not self.sync
+            if busy or (self.queue.remaining(tick) > self.threshold() and not early):
                 return False
             if self.sync:
                 self.queue.drop_from(tick)  # the robot stops and waits for the new chunk
@@ -207,7 +214,8 @@ class InferenceWorker:
 
     # -- swapping ----------------------------------------------------------------------------
     def stage(self, policy: ChunkPolicy) -> None:
-        """Swap ``policy`` in before the next inference; returns at once."""
+        """Swap ``policy`` in before the next inference, requested at the next tick; returns at
+        once."""
         if (policy.horizon, policy.action_dim) != (self.policy.horizon, self.policy.action_dim):
             raise ValueError(f"policy v{policy.version} has chunks [{policy.horizon}, "
                              f"{policy.action_dim}], the running one [{self.policy.horizon}, "

@@ -202,6 +202,15 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
         "per_robot_s": list(per_robot.values()),
         "announce_to_installed_p50_s": round(statistics.median(
             x["installed_at"] - x["announced_at"] for x in w), 3),
+        # where the time goes: commit -> announcement received -> fetch starts -> fetched ->
+        # loaded, warmed up and staged -> swapped in at the next chunk boundary
+        "commit_to_announce_p50_s": round(statistics.median(
+            x["announced_at"] - t_commit for x in w), 3),
+        "announce_to_fetch_p50_s": round(statistics.median(
+            x["installed_at"] - x["announced_at"] - t.get("fetch_s", 0.0) - t.get("load_s", 0.0)
+            for x, t in zip(w, timings)), 3),
+        "install_to_swap_p50_s": round(statistics.median(
+            s["swapped_at"] - x["installed_at"] for s, x in zip(swapped.values(), w)), 3),
         "fetch_p50_s": round(statistics.median(t.get("fetch_s", 0.0) for t in timings), 3),
         "load_p50_s": round(statistics.median(t.get("load_s", 0.0) for t in timings), 3),
         "deadline_misses": missed["deadline_misses"],

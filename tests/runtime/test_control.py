@@ -75,6 +75,29 @@ def test_a_swap_between_chunks_costs_no_tick():
     assert_all_sent_inside_envelope(robot)
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_staged_version_is_inferred_with_at_the_next_tick(sync):
+    """It does not wait for the running chunk to run low (12 of 16 actions per chunk here): the
+    next tick requests, and its chunk takes over after the d committed actions. A robot that
+    waits for every chunk (sync) keeps its chunk: an early request would stop it mid-chunk."""
+    loop, worker, robot, ticks, _ = build(policy=FakePolicy(horizon=16, action_dim=4, value=0.2),
+                                          latency=0.25)
+    worker.sync = sync
+    loop.run(max_ticks=19)  # v1's second chunk was requested at tick 12 (tick 22 when sync)
+    worker.stage(FakePolicy(horizon=16, action_dim=4, version=2, value=0.1))
+    stalls = loop.stall_ticks
+    loop.run(max_ticks=26)
+    ran = [(t.chunk.policy_version, t.chunk.chunk_id) if t.chunk else None for t in ticks[19:]]
+    d = worker.delay_ticks()
+    assert d == 3 and worker.execution_horizon() == (16 if sync else 12)
+    if sync:  # all 16 of v1's second chunk ran, then the robot waited for v2's
+        assert ran.count((1, 2)) == 16 and ran.index((2, 3)) > 16, ran
+    else:  # requested at tick 19, v2 runs from tick 22 on; v1's chunk had 8 actions left
+        assert ran[:d] == [(1, 2)] * d and ran[d] == (2, 3), ran
+        assert loop.stall_ticks == stalls
+    assert_all_sent_inside_envelope(robot)
+
+
 def test_episode_end_resets_robot_queue_and_epoch():
     clock = VirtualClock()
     robot = PointMassRobot(clock=clock, max_steps=10)
