@@ -46,6 +46,9 @@ def parse_args(argv):
                                             "when the registry is empty")
     p.add_argument("--init-checkpoint", help="torch state_dict of the pretrained model (default: "
                                               "model.pt inside or next to --init-artifact)")
+    p.add_argument("--demos", help="demonstrations (.npz from `tether pretrain`) the trainer "
+                   "keeps imitating next to the fleet's data (default: demos.npz inside or next "
+                   "to --init-artifact, when there)")
     p.add_argument("--publish-interval", type=float, default=25.0, help="seconds between publishes")
     p.add_argument("--min-episodes", type=int, default=2, help="new complete episodes per publish")
     p.add_argument("--staleness", type=int, default=TrainerConfig.staleness,
@@ -81,6 +84,19 @@ def find_checkpoint(artifact: pathlib.Path, given: str | None) -> pathlib.Path |
         if candidate.is_file():
             return candidate
     return None
+
+
+def find_demos(artifact: str | None, given: str | None) -> str:
+    if given:
+        if not pathlib.Path(given).is_file():
+            raise SystemExit(f"tether learner: --demos {given} does not exist")
+        return given
+    if artifact:
+        for candidate in (pathlib.Path(artifact) / "demos.npz",
+                          pathlib.Path(artifact).parent / "demos.npz"):
+            if candidate.is_file():
+                return str(candidate)
+    return ""
 
 
 def status(addr: str, store: ExperienceStore, registry: Registry, trainer,
@@ -156,6 +172,7 @@ def main(argv=None) -> int:
             trainer = distributed.trainer_class(dist_config)(store, registry, TrainerConfig(
                 publish_interval_s=args.publish_interval, min_new_episodes=args.min_episodes,
                 seed=args.seed, staleness=args.staleness,
+                demos=find_demos(args.init_artifact, args.demos),
                 verifier=dataclasses.replace(TrainerConfig.verifier, every=args.verifier_every)),
                 log_path=data / "updates.jsonl")
         except (RuntimeError, ValueError) as e:

@@ -31,13 +31,16 @@ import logging
 import pathlib
 import threading
 import time
+import zipfile
 
 import numpy as np
 import torch
 
 from learner import ppo
 from learner.batches import DecodeSpec, decode
+from learner.demos import DemoSet
 from learner.episodes import Episode, EpisodeFeed, usable_episodes
+from learner.imitation import ImitationSet
 from learner.export import config_from_manifest
 from learner.model import ReferenceVLA, gaussian_log_prob
 from learner.proximal import ProximalPolicies, batch_log_probs
@@ -61,9 +64,17 @@ def _counts(dropped: collections.Counter) -> dict:
     return {k: int(dropped[k]) for k in DROPPED}
 
 
+def _keys(records) -> list[tuple[str, int]]:
+    return [(r.robot_id, r.seq) for r in records]
+
+
 class Trainer:
     def __init__(self, store: ExperienceStore, registry: Registry,
-                 config: TrainerConfig = TrainerConfig(), *, log_path=None):
+                 config: TrainerConfig = TrainerConfig(), *, log_path=None,
+                 demos: DemoSet | None = None):
+        """``demos``: the demonstrations the policy was cloned from, imitated alongside the
+        fleet's data (learner/imitation.py; ``imitation_lr`` 0 turns that off); default: read
+        from ``config.demos``."""
         self.store, self.registry, self.config = store, registry, config
         self.log_path = pathlib.Path(log_path) if log_path else None
         self.version = registry.latest()
@@ -91,6 +102,21 @@ class Trainer:
             except ValueError as e:  # written by a trainer with other parameter groups
                 log.warning("version %d's optimizer state does not fit (%s); starting Adam afresh",
                             self.version, e)
+        self.imitation: ImitationSet | None = None
+        self.imitation_optimizer: torch.optim.Optimizer | None = None
+        if config.imitation_lr > 0 and config.imitation_steps > 0:
+            self.imitation = ImitationSet(self.spec.config, config.imitation_capacity)
+            if demos is None and config.demos:
+                try:
+                    demos = DemoSet.load(config.demos)
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    raise RuntimeError(f"demonstrations {config.demos} cannot be read: {e}; "
+                                       f"run `tether pretrain` or leave them out") from None
+            if demos is not None:
+                self.imitation.add_demos(demos, self.spec)
+                log.info("imitation set: %d demonstration ticks from %s", len(demos),
+                         config.demos or "the caller")
+            self.imitation_optimizer = torch.optim.Adam(rest, lr=config.imitation_lr)
         self.proximal = ProximalPolicies(self.spec.config, registry.load_checkpoint,
                                          keep=config.snapshots, ewma_decay=config.ewma_decay)
         self.proximal.put(self.version, ckpt["model"])
@@ -106,7 +132,8 @@ class Trainer:
         self._last_publish = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.train_steps = 0
+        self.train_steps = 0       # policy-gradient steps
+        self.imitation_steps = 0   # steps of the imitation optimizer (not checkpointed)
         self.versions_published = 0
         self.reverts = 0
         self.last_metrics: dict = {}
@@ -127,7 +154,9 @@ class Trainer:
         return pack_state(
             gen=self._gen, rng=self._rng, ret=(self._ret_mean, self._ret_std, self._ret_seen),
             ewma=self.proximal.ewma_state(), position=self.feed.position(self._ready, self._replay),
-            train_steps=self.train_steps, new_since_publish=self._new_since_publish)
+            train_steps=self.train_steps, new_since_publish=self._new_since_publish,
+            imitation_optimizer=(self.imitation_optimizer.state_dict()
+                                 if self.imitation_optimizer is not None else None))
 
     def _resume(self, state: dict) -> None:
         unpack_rng(state, self._gen, self._rng)
@@ -137,6 +166,17 @@ class Trainer:
         self._new_since_publish = int(state["new_since_publish"])
         self._ready, replay = self.feed.restore(state["position"])
         self._replay.extend(replay)
+        if self.imitation_optimizer is not None and state.get("imitation_optimizer"):
+            self.imitation_optimizer.load_state_dict(state["imitation_optimizer"])
+        if self.imitation is not None and replay:
+            # the fleet's part of the imitation set is not in the checkpoint: it starts again
+            # from the replay window's episodes (the store keeps every record regardless)
+            episodes, _ = usable_episodes([r for ep in replay for r in ep.records], self.spec,
+                                          self.version, self.config.staleness)
+            flat = [r for ep in episodes for r in ep]
+            if flat:
+                imitate, human = self._imitated(episodes)
+                self.imitation.add(decode(flat, self.spec), imitate, human, _keys(flat))
         log.info("resumed at version %d: store position %d, %d pending, %d ready and %d replay "
                  "episodes", self.version, self.feed.cursor, len(self.feed.pending),
                  len(self._ready), len(replay))
@@ -352,12 +392,7 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self._base_lr):
             group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
         successful = [any(r.success for r in ep) for ep in episodes]
-        # the policy's own chunks are imitated when its episode succeeded on its own: an episode
-        # an operator rescued succeeded because of the operator, after the policy had stalled
-        own_success = [ok and not any(r.human_intervention for r in ep)
-                       for ok, ep in zip(successful, episodes)]
-        imitate = torch.tensor([ok or r.human_intervention
-                                for ok, ep in zip(own_success, episodes) for r in ep])
+        imitate, _ = self._imitated(episodes)
         rows = batch.row_mask.sum(-1).clamp(min=1.0)
         sums = collections.defaultdict(float)
         steps = 0
@@ -390,6 +425,9 @@ class Trainer:
                 sums["ratio_mean"] += float((r * w[idx]).mean())
                 sums["clip_frac"] += clip_frac
         metrics = {k: v / steps for k, v in sums.items()}
+        if self.imitation is not None:
+            self.imitation.add(batch, imitate, human, _keys(flat))
+            metrics.update(self._imitate())
         metrics.update(self._diagnostics(batch, logp_prox, exact & own, w, valid, dropped, own))
         metrics.update(
             version=self.version, records=len(flat), episodes=len(episodes), steps=steps,
@@ -405,6 +443,43 @@ class Trainer:
                  m["clip_frac"], m["masked_frac"], ess, m["kl_behaviour"], m["kl_update"],
                  m["staleness_hist"], m["proximal_exact_frac"], m["logp_gap_mean"], m["log_std"])
         return self._log(metrics)
+
+    @staticmethod
+    def _imitated(episodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per record: imitate it? is it an operator's? The policy's own chunks are imitated
+        when its episode succeeded on its own: an episode an operator rescued succeeded because
+        of the operator, after the policy had stalled."""
+        human = torch.tensor([r.human_intervention for ep in episodes for r in ep],
+                             dtype=torch.bool)
+        own_success = [any(r.success for r in ep) and not any(r.human_intervention for r in ep)
+                       for ep in episodes]
+        imitate = torch.tensor([ok for ok, ep in zip(own_success, episodes) for _ in ep],
+                               dtype=torch.bool) | human
+        return imitate, human
+
+    def _imitate(self) -> dict:
+        """``imitation_steps`` steps of the imitation optimizer on the aggregated set."""
+        c, data = self.config, self.imitation
+        if len(data) == 0 and self.after_backward is None:
+            return {"imitation_set": 0}
+        total = 0.0
+        for _ in range(c.imitation_steps):
+            if len(data):
+                loss = data.loss(self.model, data.sample(c.imitation_batch, self._rng),
+                                 self._gen, c.imitation_prefix_noise)
+            else:  # data-parallel, nothing here yet: a zero step keeps this rank in step
+                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+            self.imitation_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.after_backward is not None:
+                self.after_backward(self.model)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.imitation_optimizer.step()
+            self.proximal.update_ewma(self.model)
+            self.imitation_steps += 1
+            total += loss.item()
+        return {"loss_imitation": total / max(1, c.imitation_steps), "imitation_set": len(data),
+                "imitation_fleet": data.fleet, "imitation_added": dict(data.added)}
 
     def _diagnostics(self, batch, logp_prox, exact, w, valid, dropped, own) -> dict:
         """Behaviour KL, update KL, staleness and robot/learner discrepancy of one update

@@ -30,6 +30,16 @@ class TrainerConfig:
     bc_coef: float = 0.5            # imitation on successful episodes and human interventions
     epochs: int = 4
     minibatch: int = 128
+    # imitation on the aggregated set (learner/imitation.py: demonstrations, interventions, the
+    # policy's own successes) with an optimizer of its own, after each update's PG steps; 0 = off
+    imitation_lr: float = 1e-4
+    imitation_steps: int = 8        # per update
+    imitation_batch: int = 64
+    imitation_capacity: int = 16384  # fleet chunks kept (demonstrations are kept besides)
+    imitation_prefix_noise: float = 0.02
+    # the demonstrations the policy was cloned from (.npz, learner.demos.DemoSet), kept in the
+    # imitation set; every trainer rank reads this path ("": none)
+    demos: str = ""
     update_episodes: int = 8        # S > 0: train once this many new episodes are ready (or a publish is due)
     # PPO ratio per executed row (the chunk's log-ratio over its rows, as GSPO does per token):
     # a chunk holds ~6 rows x 4 dims, so its raw ratio leaves any clip range after tiny steps
@@ -62,6 +72,10 @@ class TrainerConfig:
             "max_is_ratio": self.max_is_ratio >= 1, "pg_coef": self.pg_coef >= 0,
             "value_coef": self.value_coef >= 0, "bc_coef": self.bc_coef >= 0,
             "epochs": self.epochs >= 1, "minibatch": self.minibatch >= 1,
+            "imitation_lr": self.imitation_lr >= 0, "imitation_steps": self.imitation_steps >= 0,
+            "imitation_batch": self.imitation_batch >= 1,
+            "imitation_capacity": self.imitation_capacity >= 1,
+            "imitation_prefix_noise": self.imitation_prefix_noise >= 0,
             "update_episodes": self.update_episodes >= 1, "grad_clip": self.grad_clip > 0,
             "staleness": self.staleness >= 0, "snapshots": self.snapshots >= 1,
             "ewma_decay": 0 <= self.ewma_decay < 1, "sync_wait_s": self.sync_wait_s >= 0,

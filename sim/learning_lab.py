@@ -99,13 +99,17 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
     from sim.metaworld_robot import MetaWorldRobot
 
     torch.set_num_threads(1)
-    artifact = ensure_pretrained(tasks, cache_dir, seed=seed, **(pretrain or {}))
+    pretrain = dict(pretrain or {})  # "tasks": the policy's (default: sim.tasks.DEFAULT_TASKS)
+    artifact = ensure_pretrained(tuple(pretrain.pop("tasks", DEFAULT_TASKS)), cache_dir,
+                                 seed=seed, **pretrain)
     work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="tether-lab-"))
     registry = Registry(work / "registry", signing_key=SigningKey.generate())
     registry.import_initial(artifact, artifact.parent / "model.pt")
     store = ExperienceStore(work / "experience")  # the trainer's feed; the lab hands records over
     settings = dict(staleness=0, verifier=FleetScorerConfig(every=0), seed=seed, **(trainer or {}))
-    model = Trainer(store, registry, TrainerConfig(**settings))
+    from learner.demos import DemoSet
+    model = Trainer(store, registry, TrainerConfig(**settings),
+                    demos=DemoSet.load(artifact.parent / "demos.npz"))
     clocks = {t: VirtualClock() for t in tasks}
     robots = {t: MetaWorldRobot(t, seed=1000 * seed + i, clock=clocks[t], max_steps=MAX_STEPS,
                                 supervision=supervision) for i, t in enumerate(tasks)}
@@ -125,7 +129,8 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
             m = model.train_on(records)
             model.publish()
             row.update({k: m.get(k) for k in ("records", "human_records", "kl_update",
-                                               "clip_frac", "log_std", "ess", "seconds")})
+                                               "clip_frac", "log_std", "ess", "loss_imitation",
+                                               "imitation_fleet", "seconds")})
             row["wall_s"] = round(time.monotonic() - t0, 1)
             rows.append(row)
             log(json.dumps(row))
