@@ -34,7 +34,7 @@ from robots.description import load_description
 from runtime.artifact import ArtifactError, load_manifest, verify_artifact, write_atomic
 from runtime.tokenizer import tokenize
 
-CODE_VERSION = 1  # bump when a change here should invalidate cached pretrained policies
+CODE_VERSION = 2  # bump when a change here should invalidate cached pretrained policies
 ROBOT = "sawyer_metaworld"
 STATE_STD_FLOOR = 1e-2
 DONE = "DONE"

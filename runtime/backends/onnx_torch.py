@@ -58,6 +58,7 @@ _DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: 
 OPS = {
     "Relu": lambda x: torch.relu(x),
     "Tanh": lambda x: torch.tanh(x),
+    "Exp": lambda x: torch.exp(x),
     "Add": lambda a, b: a + b,
     "Sub": lambda a, b: a - b,
     "Mul": lambda a, b: a * b,
