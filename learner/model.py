@@ -46,8 +46,9 @@ class SpatialSoftmax(nn.Module):
     The softmax has a learned temperature (one per encoder, as in Levine et al.'s deep spatial
     autoencoders): the readout sharpens onto the feature peak instead of being pulled towards
     the image centre by the background. Behaviour cloning on the Meta-World demonstrations, side
-    by side (4,000 steps, 30 evaluation episodes per task): reach 0.30 -> 0.50, push 0.30 ->
-    0.47, door-open 0.97 either way. ``log_temperature`` starts at 0 (temperature 1, the pooling
+    by side (4,000 steps, 30 evaluation episodes per task, mean actions): reach 0.30 -> 0.50,
+    push 0.30 -> 0.47, door-open 0.97 either way (with the fleet's sampled actions and
+    asynchronous chunks, sim.learning_lab: 0.44 against 0.46 on reach and push, no gain). ``log_temperature`` starts at 0 (temperature 1, the pooling
     without it), so a checkpoint saved before it existed loads unchanged."""
 
     def __init__(self):
