@@ -29,6 +29,23 @@ from learner.model import VLAConfig
 from runtime.tokenizer import tokenize
 
 
+def committed_prefix(target: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
+                     noise: float, keep_one: bool = False) -> tuple:
+    """Pretraining's prefix draw for imitation targets [B, H, A] (known rows ``valid`` [B, H]):
+    a random number d <= H/2 of leading rows given as the committed prefix, with ``noise``;
+    ``keep_one``: d never covers all the known rows. Returns (prefix, d, mask): ``mask``
+    [B, H, 1] marks the known rows after the prefix, which the mean is regressed onto."""
+    b, h = target.shape[:2]
+    d = torch.randint(0, h // 2 + 1, (b,), generator=generator)
+    if keep_one:
+        d = torch.minimum(d, (valid.sum(1) - 1).clamp(min=0))
+    committed = torch.arange(h).reshape(1, h) < d.reshape(-1, 1)
+    jitter = noise * torch.randn(target.shape, generator=generator)
+    prefix = torch.where(committed.unsqueeze(-1), (target + jitter).clamp(-1, 1),
+                         torch.zeros_like(target))
+    return prefix, d, (valid & ~committed).unsqueeze(-1).float()
+
+
 class ImitationSet:
     """Demonstrations plus a bounded ring of fleet chunks, sampled uniformly together."""
 
@@ -140,21 +157,12 @@ class ImitationSet:
              prefix_noise: float) -> torch.Tensor:
         """Pretraining's objective: a random committed prefix of d <= H/2 rows (never all the
         known rows), the mean's squared error on the known rows after it."""
-        c, h = self.config, self.config.horizon
         target = torch.from_numpy(batch["target"])
-        valid = torch.from_numpy(batch["valid"])
-        b = target.shape[0]
-        known = valid.sum(1)
-        d = torch.randint(0, h // 2 + 1, (b,), generator=generator)
-        d = torch.minimum(d, (known - 1).clamp(min=0))
-        rows = torch.arange(h).reshape(1, h)
-        committed = rows < d.reshape(-1, 1)
-        noise = prefix_noise * torch.randn(target.shape, generator=generator)
-        prefix = torch.where(committed.unsqueeze(-1), (target + noise).clamp(-1, 1),
-                             torch.zeros_like(target))
+        prefix, d, mask = committed_prefix(target, torch.from_numpy(batch["valid"]), generator,
+                                           prefix_noise, keep_one=True)
         images = {cam: torch.from_numpy(batch[f"image_{cam}"]).float() / 255.0
                   for cam in self._cams}
         mean, _, _ = model(images, torch.from_numpy(batch["state"]),
                            torch.from_numpy(batch["tokens"]), prefix, d)
-        mask = (valid & ~committed).unsqueeze(-1).float()
-        return (((mean - target) ** 2) * mask).sum() / (mask.sum().clamp(min=1.0) * c.action_dim)
+        denom = mask.sum().clamp(min=1.0) * self.config.action_dim
+        return (((mean - target) ** 2) * mask).sum() / denom

@@ -29,6 +29,7 @@ import torch
 
 from learner.demos import DemoSet, collect_demos
 from learner.export import config_from_manifest, export_artifact
+from learner.imitation import committed_prefix
 from learner.model import ReferenceVLA, VLAConfig
 from robots.description import load_description
 from runtime.artifact import ArtifactError, load_manifest, verify_artifact, write_atomic
@@ -95,26 +96,21 @@ def _tensors(demos: DemoSet, vla: VLAConfig, norm: dict) -> dict:
 def train_bc(model: ReferenceVLA, demos: DemoSet, norm: dict, config: PretrainConfig,
              log=None) -> list[float]:
     """Behaviour-clone ``model`` on ``demos`` in place; returns the loss per step."""
-    c, h = model.config, model.config.horizon
+    c = model.config
     data = _tensors(demos, c, norm)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
-    rows = torch.arange(h).reshape(1, h)
     cam = c.cameras[0]
     losses = []
     model.train()
     for step in range(config.steps):
         idx = torch.randint(0, len(demos), (config.batch_size,), generator=gen)
         target, valid = data["targets"][idx], data["valid"][idx]
-        d = torch.randint(0, h // 2 + 1, (config.batch_size,), generator=gen)
-        committed = (rows < d.reshape(-1, 1)).unsqueeze(-1)
-        noise = config.prefix_noise * torch.randn(target.shape, generator=gen)
-        prefix = torch.where(committed, (target + noise).clamp(-1, 1), torch.zeros_like(target))
+        prefix, d, mask = committed_prefix(target, valid, gen, config.prefix_noise)
         images = {cam: data["images"][idx].float() / 255.0}
         mean, log_std, _ = model(images, data["state"][idx], data["tokens"][idx], prefix, d)
-        mask = (valid & ~committed.squeeze(-1)).unsqueeze(-1).float()
         denom = mask.sum().clamp(min=1.0) * c.action_dim
         mse = (((mean - target) ** 2) * mask).sum() / denom
         z2 = ((mean.detach() - target) ** 2) * torch.exp(-2 * log_std)

@@ -80,7 +80,12 @@ def find_checkpoint(artifact: pathlib.Path, given: str | None) -> pathlib.Path |
         if not path.is_file():
             raise SystemExit(f"tether learner: --init-checkpoint {path} does not exist")
         return path
-    for candidate in (artifact / "model.pt", artifact.parent / "model.pt"):
+    return _beside(artifact, "model.pt")
+
+
+def _beside(artifact: pathlib.Path, name: str) -> pathlib.Path | None:
+    """``name`` inside the artifact folder or next to it (where `tether pretrain` writes it)."""
+    for candidate in (artifact / name, artifact.parent / name):
         if candidate.is_file():
             return candidate
     return None
@@ -91,12 +96,8 @@ def find_demos(artifact: str | None, given: str | None) -> str:
         if not pathlib.Path(given).is_file():
             raise SystemExit(f"tether learner: --demos {given} does not exist")
         return given
-    if artifact:
-        for candidate in (pathlib.Path(artifact) / "demos.npz",
-                          pathlib.Path(artifact).parent / "demos.npz"):
-            if candidate.is_file():
-                return str(candidate)
-    return ""
+    found = _beside(pathlib.Path(artifact), "demos.npz") if artifact else None
+    return str(found) if found else ""
 
 
 def status(addr: str, store: ExperienceStore, registry: Registry, trainer,

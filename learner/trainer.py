@@ -385,14 +385,13 @@ class Trainer:
         w, valid = ppo.behaviour_weights(logp_prox, batch.behaviour_log_prob, c.max_is_ratio)
         # an operator's rows (human interventions) were not sampled from any policy: they train
         # the imitation and value terms only, and do not count in the behaviour weights' ESS
-        human = torch.tensor([r.human_intervention for r in flat], dtype=torch.bool)
+        imitate, human = self._imitated(episodes)
         own = ~human
         valid = valid & own
         ess = ppo.effective_sample_size(w[own], valid[own]) if bool(own.any()) else 1.0
         for group, base in zip(self.optimizer.param_groups, self._base_lr):
             group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
         successful = [any(r.success for r in ep) for ep in episodes]
-        imitate, _ = self._imitated(episodes)
         rows = batch.row_mask.sum(-1).clamp(min=1.0)
         sums = collections.defaultdict(float)
         steps = 0

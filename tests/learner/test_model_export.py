@@ -65,3 +65,24 @@ def test_torch_and_numpy_log_probs_agree():
     t = gaussian_log_prob(torch.from_numpy(mean)[None], torch.from_numpy(log_std)[None],
                           torch.from_numpy(acts)[None], mask)
     assert float(t) == pytest.approx(np_log_prob(mean, log_std, acts[rows], rows), rel=1e-5)
+
+
+def test_the_keypoint_temperature_is_learned_and_old_checkpoints_load_at_temperature_one():
+    from learner.model import SpatialSoftmax
+
+    pool = SpatialSoftmax()
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 4, 4] = 2.0  # one peak in the bottom-right corner over a flat background
+    centre_pull = pool(x).detach()
+    with torch.no_grad():
+        pool.log_temperature.fill_(2.0)
+    sharp = pool(x).detach()
+    assert (sharp > centre_pull).all() and sharp.max() > 0.99  # onto the peak at (+1, +1)
+    model = ReferenceVLA(VLAConfig())
+    names = [n for n, _ in model.named_parameters() if n.endswith("log_temperature")]
+    assert names == ["encoders.front.pool.log_temperature"]
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("log_temperature")}
+    with torch.no_grad():
+        model.encoders["front"].pool.log_temperature.fill_(1.5)
+    model.load_state_dict(old)  # saved before the temperature existed: strict load still works
+    assert float(model.encoders["front"].pool.log_temperature) == 0.0
