@@ -1,4 +1,6 @@
-"""Export the reference VLA to a policy artifact: ``policy.onnx`` + ``manifest.json``."""
+"""Export the reference VLA to a policy artifact: ``policy.onnx`` (the graph and its small
+tensors), ``policy.onnx.data`` (tensors of ``EXTERNAL_MIN_BYTES`` or more, as ONNX external
+data, page-aligned so ONNX Runtime maps them) and ``manifest.json``."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +15,12 @@ import numpy as np
 import torch
 
 from learner.model import ReferenceVLA, VLAConfig
-from runtime.artifact import MANIFEST, Manifest, file_entry, fsync_dir, write_atomic
+from runtime.artifact import (MANIFEST, POLICY, POLICY_DATA, Manifest, file_entry, fsync_dir,
+                              write_atomic)
 
 OPSET = 17
+EXTERNAL_MIN_BYTES = 64 * 1024
+PAGE = 4096
 
 
 class _OnnxWrapper(torch.nn.Module):
@@ -59,6 +64,28 @@ def onnx_bytes(model: ReferenceVLA) -> bytes:
     return buf.getvalue()
 
 
+def split_weights(graph: bytes, location: str = POLICY_DATA,
+                  min_bytes: int = EXTERNAL_MIN_BYTES) -> tuple[bytes, bytes]:
+    """(graph, data): the ONNX model with every raw tensor of ``min_bytes`` or more moved to
+    external data at page-aligned offsets in ``location``; data is b"" when none is that big."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    data = bytearray()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
+            continue
+        offset = -(-len(data) // PAGE) * PAGE
+        data += bytes(offset - len(data))
+        data += t.raw_data
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", len(data) - offset)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+    return (model.SerializeToString(), bytes(data)) if data else (graph, b"")
+
+
 def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version: int,
                     parent_version: int, normalization: dict, robot: str,
                     control_rate_hz: float, verifier=None) -> Manifest:
@@ -68,8 +95,13 @@ def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version
     c = model.config
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "policy.onnx", onnx_bytes(model))
-    files = {"policy.onnx": file_entry(out / "policy.onnx")}
+    graph, data = split_weights(onnx_bytes(model))
+    files = {}
+    if data:
+        write_atomic(out / POLICY_DATA, data)
+        files[POLICY_DATA] = file_entry(out / POLICY_DATA)
+    write_atomic(out / POLICY, graph)
+    files[POLICY] = file_entry(out / POLICY)
     extra = {"model_config": dataclasses.asdict(c)}
     if verifier is not None:
         write_atomic(out / "verifier.onnx", verifier.onnx_bytes())

@@ -1,5 +1,12 @@
-"""The policy artifact: a directory with ``policy.onnx``, optional ``verifier.onnx`` and
-``manifest.json``. See DESIGN.md (Contracts: Policy artifact).
+"""The policy artifact: a directory with ``policy.onnx``, optional ``policy.onnx.data`` and
+``verifier.onnx``, and ``manifest.json``. See DESIGN.md (Contracts: Policy artifact).
+
+``policy.onnx.data`` holds the graph's large tensors as ONNX external data (each tensor's
+``location`` is that file name, its offset page-aligned). ONNX Runtime memory-maps such a file
+instead of copying it: a new version loads without allocating and zeroing its weights' size in
+fresh memory (what made a fleet-wide swap CPU-bound), and only the pages a run touches are read
+(an embedding table's unused rows never are). It is also how graphs over protobuf's 2 GB limit
+are stored. An artifact may keep every tensor inline (no ``.data`` file): both load the same.
 
 Manifest keys (format ``tether.policy/1``)::
 
@@ -32,6 +39,8 @@ import pathlib
 FORMAT = "tether.policy/1"
 MANIFEST = "manifest.json"
 MAX_ARTIFACT_FILE_BYTES = 512 * 1024 * 1024
+POLICY = "policy.onnx"
+POLICY_DATA = "policy.onnx.data"
 
 
 class ArtifactError(ValueError):
@@ -161,6 +170,22 @@ def verify_artifact(directory: str | os.PathLike) -> Manifest:
             raise ArtifactError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
                                 f"{info['sha256'][:12]}…; the artifact is corrupt or tampered")
     return manifest
+
+
+def policy_digest(sha256s: dict[str, str]) -> str:
+    """The policy's weight identity from {file name: sha256}: ``policy.onnx``'s sha256 when its
+    tensors are inline, else one sha256 over the graph's and ``policy.onnx.data``'s digests (the
+    graph alone does not change when only external weights do)."""
+    if POLICY_DATA not in sha256s:
+        return sha256s[POLICY]
+    return sha256_bytes(f"{POLICY}:{sha256s[POLICY]}\n{POLICY_DATA}:{sha256s[POLICY_DATA]}".encode())
+
+
+def policy_sha256(directory: str | os.PathLike) -> str:
+    """``policy_digest`` of the policy files as they are on disk (hashes them)."""
+    directory = pathlib.Path(directory)
+    names = [POLICY] + ([POLICY_DATA] if (directory / POLICY_DATA).exists() else [])
+    return policy_digest({n: sha256_file(directory / n) for n in names})
 
 
 def file_entry(path: pathlib.Path) -> dict:

@@ -21,6 +21,7 @@ import time
 import zlib
 
 from robots.registry import make_robot
+from runtime.artifact import POLICY, policy_digest
 from runtime.chunks import STRATEGIES, ActionQueue
 from runtime.clock import WallClock
 from runtime.control import ControlLoop
@@ -260,10 +261,11 @@ class RobotNode:
 
     def _on_rollback(self, version: int, files: dict[str, str]) -> bool:
         """A canary rolled back: swap the previous policy back in if it is that version (same
-        policy.onnx; verified when it was installed). False: the subscriber fetches it."""
+        policy files; verified when it was installed). False: the subscriber fetches it."""
         prev = self.worker.previous
         if (prev is None or prev.version != version
-                or files.get("policy.onnx") != getattr(prev, "weight_sha256", None)):
+                or POLICY not in files
+                or policy_digest(files) != getattr(prev, "weight_sha256", None)):
             return False
         self.worker.stage(prev)
         self._event(f"rolling back to v{version} (still loaded)")

@@ -15,7 +15,7 @@ import numpy as np
 
 from robots.base import Observation
 from runtime import distributions
-from runtime.artifact import Manifest, verify_artifact
+from runtime.artifact import Manifest, policy_digest, verify_artifact
 from runtime.backends import load_backend
 from runtime.status import LatencyWindow
 from runtime.tokenizer import tokenize
@@ -82,7 +82,7 @@ class PolicyRunner:
 
     @property
     def weight_sha256(self) -> str:
-        return str(self.manifest.files["policy.onnx"]["sha256"])
+        return policy_digest({n: str(i["sha256"]) for n, i in self.manifest.files.items()})
 
     @property
     def horizon(self) -> int:

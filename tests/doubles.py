@@ -168,7 +168,7 @@ def public_key_for_tests() -> str:
 
 def export_tiny_artifact(out_dir: str | pathlib.Path, version: int = 1, seed: int = 0,
                          horizon: int = 8, width: int = 32, features: int = 16,
-                         sign: bool = True):
+                         sign: bool = True, vocab: int | None = None):
     """Export a small random ReferenceVLA for the sawyer_metaworld description, signed with the
     test key unless ``sign`` is false. Returns the manifest. Needs torch (the learner side);
     only tests and tools call this."""
@@ -183,6 +183,8 @@ def export_tiny_artifact(out_dir: str | pathlib.Path, version: int = 1, seed: in
     config = VLAConfig(horizon=horizon, action_dim=desc.action_dim, state_dim=desc.state_dim,
                        cameras=(cam.name,), image_hw=(cam.height, cam.width),
                        channels=cam.channels, width=width, features=features)
+    if vocab is not None:
+        config = dataclasses.replace(config, vocab=vocab)
     norm = {"state_mean": [0.0, 0.6, 0.2, 0.5], "state_std": [0.2, 0.2, 0.1, 0.5],
             "action_mean": [0.0] * desc.action_dim, "action_std": [0.5] * desc.action_dim}
     manifest = export_artifact(ReferenceVLA(config), out_dir, version=version, parent_version=0,

@@ -4,9 +4,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from learner.export import config_from_manifest, export_artifact
+from learner.export import (EXTERNAL_MIN_BYTES, PAGE, config_from_manifest, export_artifact,
+                            onnx_bytes, split_weights)
 from learner.model import ReferenceVLA, VLAConfig, gaussian_log_prob
-from runtime.artifact import verify_artifact
+from runtime.artifact import POLICY, POLICY_DATA, verify_artifact
 from runtime.distributions import gaussian_log_prob as np_log_prob
 
 
@@ -86,3 +87,27 @@ def test_the_keypoint_temperature_is_learned_and_old_checkpoints_load_at_tempera
         model.encoders["front"].pool.log_temperature.fill_(1.5)
     model.load_state_dict(old)  # saved before the temperature existed: strict load still works
     assert float(model.encoders["front"].pool.log_temperature) == 0.0
+
+
+def test_large_tensors_go_to_page_aligned_external_data_and_run_the_same(exported, tmp_path):
+    import onnx
+
+    model, out, manifest = exported
+    assert set(manifest.files) == {POLICY, POLICY_DATA}
+    graph = onnx.load(str(out / POLICY), load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in graph.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    inline = [t for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert external and all(len(t.raw_data) < EXTERNAL_MIN_BYTES for t in inline)
+    size = (out / POLICY_DATA).stat().st_size
+    for info in external.values():
+        assert info["location"] == POLICY_DATA and int(info["offset"]) % PAGE == 0
+        assert int(info["offset"]) + int(info["length"]) <= size
+    # the same model with every tensor inline (an artifact from before the split) runs the same
+    whole = onnx_bytes(model)
+    assert split_weights(whole, min_bytes=1 << 40) == (whole, b"")
+    feeds = _feeds(2, 1)
+    split = ort.InferenceSession(str(out / POLICY), providers=["CPUExecutionProvider"])
+    joined = ort.InferenceSession(whole, providers=["CPUExecutionProvider"])
+    for a, b in zip(split.run(None, feeds), joined.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)

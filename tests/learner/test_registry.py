@@ -27,7 +27,7 @@ def test_import_publish_reopen_monotonic(tmp_path, pretrained):
     assert (m2.version, m2.parent_version, m2.robot) == (2, 1, "sawyer_metaworld")
     files = reg.files(2)
     assert files[0][0] == MANIFEST and files[0][1] == sha256_file(reg.artifact_dir(2) / MANIFEST)
-    assert [f[0] for f in files[1:]] == ["policy.onnx"]
+    assert [f[0] for f in files[1:]] == ["policy.onnx", "policy.onnx.data"]
 
     # a crash mid-publish: a temporary dir and an incomplete version dir are left behind
     (reg.versions_dir / ".tmp-v000003-1-2").mkdir()

@@ -1,14 +1,16 @@
 """The gRPC service on real loopback: durable acks, dedup, refusals, subscription, fetch."""
+import dataclasses
 import hashlib
 import threading
 
 import grpc
 import pytest
 
+from learner.model import ReferenceVLA, VLAConfig
 from learner.registry import Registry
 from learner.service import CHUNK_BYTES, serve
 from learner.store import ExperienceStore
-from runtime.artifact import MANIFEST, sha256_file
+from runtime.artifact import MANIFEST, POLICY_DATA, sha256_file
 from tests.learner.helpers import simple_record
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
 
@@ -84,18 +86,21 @@ def _fetch(stub, version, name, offset=0):
 
 def test_fetch_resumes_from_an_offset_with_identical_bytes(learner):
     stub, _, registry, *_ = learner
-    path = registry.artifact_dir(1) / "policy.onnx"
+    # a large token table (as VLAs have): its weights file takes several chunks
+    big = ReferenceVLA(dataclasses.replace(VLAConfig(), vocab=16_384)).eval()
+    v = registry.publish(big).version
+    path = registry.artifact_dir(v) / POLICY_DATA
     whole = path.read_bytes()
     assert len(whole) > CHUNK_BYTES  # several chunks
-    chunks = _fetch(stub, 1, "policy.onnx")
+    chunks = _fetch(stub, v, POLICY_DATA)
     assert all(len(c.data) <= CHUNK_BYTES for c in chunks)
     # the transfer broke after the first chunk: resume from there
     got = chunks[0].data
-    resumed = _fetch(stub, 1, "policy.onnx", offset=len(got))
+    resumed = _fetch(stub, v, POLICY_DATA, offset=len(got))
     assert resumed[0].offset == len(got)
     got += b"".join(c.data for c in resumed)
     assert hashlib.sha256(got).hexdigest() == sha256_file(path)
-    assert _fetch(stub, 1, MANIFEST)[0].data == (registry.artifact_dir(1) / MANIFEST).read_bytes()
+    assert _fetch(stub, v, MANIFEST)[0].data == (registry.artifact_dir(v) / MANIFEST).read_bytes()
 
 
 @pytest.mark.parametrize("version,name,code", [

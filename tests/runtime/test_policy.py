@@ -1,11 +1,12 @@
 import json
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
 from robots.base import Observation
-from runtime.artifact import ArtifactError
+from runtime.artifact import POLICY, POLICY_DATA, ArtifactError, policy_digest, policy_sha256
 from runtime.backends import load_backend
 from runtime.policy import PolicyRunner
 from tests.doubles import export_tiny_artifact
@@ -53,7 +54,10 @@ def test_infer_returns_a_finite_chunk_and_identity(runner, artifact):
     assert np.all(np.isfinite(out.actions)) and out.latency_s > 0
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert runner.version == 1 and runner.horizon == 8 and runner.action_dim == 4
-    assert runner.weight_sha256 == manifest["files"]["policy.onnx"]["sha256"]
+    files = manifest["files"]
+    assert POLICY_DATA in files  # the exporter keeps the large tensors outside the graph
+    assert runner.weight_sha256 == policy_sha256(artifact) == policy_digest(
+        {n: files[n]["sha256"] for n in (POLICY, POLICY_DATA)}) != files[POLICY]["sha256"]
     runner.check()
     stats = runner.latency_stats()
     assert set(stats) == {"preprocess", "infer", "postprocess", "total"}
@@ -86,14 +90,28 @@ def test_bad_observations_raise_clear_errors(runner, bad, match):
         runner.infer(bad)
 
 
-def test_tampered_artifact_is_refused(artifact, tmp_path):
+@pytest.mark.parametrize("name", [POLICY, POLICY_DATA])
+def test_tampered_artifact_is_refused(artifact, tmp_path, name):
     bad = tmp_path / "bad"
     shutil.copytree(artifact, bad)
-    data = bytearray((bad / "policy.onnx").read_bytes())
+    data = bytearray((bad / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (bad / "policy.onnx").write_bytes(bytes(data))
+    (bad / name).write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match"):
         PolicyRunner(bad)
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_large_embedding_is_mapped_not_copied(tmp_path):
+    """A swap must not allocate and zero a large table's size in fresh memory: ONNX Runtime maps
+    policy.onnx.data (page cache) and gathers from it in place. (Matrix weights it repacks for
+    its GEMM are copied once, and the mapping of those pages is released.)"""
+    own = tmp_path / "v1"
+    export_tiny_artifact(own, vocab=4096)  # a 4096 x 32 float32 token table: 512 KiB
+    runner = PolicyRunner(own, seed=0)
+    mapped = [line for line in pathlib.Path("/proc/self/maps").read_text().splitlines()
+              if line.endswith(str(own / POLICY_DATA))]
+    assert mapped and np.all(np.isfinite(runner.infer(obs()).actions))
 
 
 def test_unknown_backend_suggests_the_nearest(artifact):

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from runtime.artifact import MANIFEST, verify_artifact
+from runtime.artifact import MANIFEST, POLICY, POLICY_DATA, verify_artifact
 from runtime.signature import Trust
 from runtime.weights import WeightSubscriber
 from tether.wire import tether_pb2 as pb
@@ -78,31 +78,34 @@ def test_fetches_verifies_and_hands_over(tmp_path, learner, artifacts):
     [(v, path)] = installed.calls
     assert v == 1 and path == tmp_path / "staging" / "v1"
     assert verify_artifact(path).version == 1
-    assert (path / "policy.onnx").read_bytes() == (artifacts[1] / "policy.onnx").read_bytes()
+    for name in (POLICY, POLICY_DATA):  # the graph, and its large tensors as external data
+        assert (path / name).read_bytes() == (artifacts[1] / name).read_bytes()
     assert sub.fetched == 1 and sub.refused == 0 and "installed version 1" in sub.last_event
-    assert [(n, o) for _, n, o in double.fetches] == [(MANIFEST, 0), ("policy.onnx", 0)]
+    assert [(n, o) for _, n, o in double.fetches] == [(MANIFEST, 0), (POLICY, 0), (POLICY_DATA, 0)]
 
 
 def test_resumes_a_file_after_the_stream_breaks(tmp_path, learner, artifacts):
     double, addr = learner
-    double.break_at[(1, "policy.onnx")] = 300_000
+    double.break_at[(1, POLICY_DATA)] = 300_000
     double.publish(1, artifacts[1])
     sub = _subscriber(addr, tmp_path, Installed())
     try:
         assert sub.wait_for_version(1, 20.0)
     finally:
         sub.stop()
-    assert [(n, o) for _, n, o in double.fetches if n == "policy.onnx"] == \
-        [("policy.onnx", 0), ("policy.onnx", 300_000)]
+    assert [(n, o) for _, n, o in double.fetches if n == POLICY_DATA] == \
+        [(POLICY_DATA, 0), (POLICY_DATA, 300_000)]
     assert sub.resumed_bytes == 300_000
     assert verify_artifact(tmp_path / "staging" / "v1").version == 1
 
 
-def test_tampered_bytes_are_refused_and_the_current_version_kept(tmp_path, learner, artifacts):
+@pytest.mark.parametrize("name", [POLICY, POLICY_DATA])
+def test_tampered_bytes_are_refused_and_the_current_version_kept(tmp_path, learner, artifacts,
+                                                                  name):
     double, addr = learner
-    good = bytearray((artifacts[2] / "policy.onnx").read_bytes())
+    good = bytearray((artifacts[2] / name).read_bytes())
     good[1000] ^= 0xFF
-    double.tamper[(2, "policy.onnx")] = bytes(good)
+    double.tamper[(2, name)] = bytes(good)
     double.publish(2, artifacts[2])
     installed = Installed()
     sub = _subscriber(addr, tmp_path, installed, current=1)
