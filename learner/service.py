@@ -12,6 +12,7 @@ import grpc
 
 from learner.auth import FleetAuth, ServerTls
 from learner.canary import CanaryConfig, RolloutController
+from learner.fetch_cache import FetchCache
 from learner.registry import Registry
 from learner.store import ExperienceStore
 from learner.wire_guard import WireGuard, unwrap
@@ -24,6 +25,9 @@ log = logging.getLogger("tether.learner.service")
 # a robot resumes from the bytes on its disk, so a broken stream costs at most one chunk
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# serialized chunks kept for the next robot fetching the same version (learner/fetch_cache.py):
+# two versions of a 100 MB policy (a canary's and the one before it)
+FETCH_CACHE_BYTES = 256 * 1024 * 1024
 # Every robot holds one thread for its Subscribe stream and one for its experience stream,
 # plus fetches and pushes in flight: 64 robots x (2 streams + 1 call) with headroom.
 DEFAULT_WORKERS = 256
@@ -39,6 +43,7 @@ class LearnerService(pb_grpc.LearnerServicer):
                  rollout: RolloutController | None = None):
         self.store, self.registry, self.trainer = store, registry, trainer
         self.stream_window = DEFAULT_STREAM_WINDOW
+        self.fetch_cache = FetchCache(FETCH_CACHE_BYTES, CHUNK_BYTES)
         # which version each robot runs; without one, everyone gets the newest (no canaries)
         self.rollout = rollout or RolloutController(registry, store, CanaryConfig(fraction=0.0))
 
@@ -151,9 +156,11 @@ class LearnerService(pb_grpc.LearnerServicer):
             self.rollout.leave(robot)
 
     def FetchArtifact(self, request: pb.FetchRequest, context):
+        """Answers serialized ``ArtifactChunk`` bytes (registered without a serializer, ``serve``)."""
         try:
             directory = self.registry.artifact_dir(request.version)
-            names = set(load_manifest(directory).files) | {MANIFEST}
+            files = load_manifest(directory).files
+            names = set(files) | {MANIFEST}
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} is not published; "
                           f"latest is {self.registry.latest()}")
@@ -166,16 +173,10 @@ class LearnerService(pb_grpc.LearnerServicer):
         if not 0 <= request.offset <= size:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside "
                           f"{request.name} of {size} bytes")
-        with open(path, "rb") as f:
-            f.seek(request.offset)
-            offset = request.offset
-            while True:
-                data = f.read(CHUNK_BYTES)
-                last = offset + len(data) >= size
-                yield pb.ArtifactChunk(offset=offset, data=data, last=last)
-                offset += len(data)
-                if last or not data:
-                    return
+        # the manifest is small and carries no sha256 of itself: not cached
+        key = None if request.name == MANIFEST else (
+            request.version, request.name, files[request.name]["sha256"])
+        yield from self.fetch_cache.chunks(path, key, size, request.offset)
 
     def GetStats(self, request, context) -> pb.LearnerStats:
         per_robot = self.store.stats()
@@ -187,6 +188,29 @@ class LearnerService(pb_grpc.LearnerServicer):
             versions_published=t.versions_published if t is not None else self.registry.published,
             train_steps=t.train_steps if t is not None else 0,
             robots=[pb.RobotStats(robot_id=r, **s) for r, s in per_robot.items()])
+
+
+class _Handlers:
+    """Takes the generated code's method handlers instead of a server's."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _add_service(service: LearnerService, server: grpc.Server) -> None:
+    """The generated registration, with FetchArtifact answering bytes it serialized itself."""
+    got = _Handlers()
+    pb_grpc.add_LearnerServicer_to_server(service, got)
+    fetch = got.handlers["FetchArtifact"]
+    got.handlers["FetchArtifact"] = grpc.unary_stream_rpc_method_handler(
+        fetch.unary_stream, request_deserializer=fetch.request_deserializer,
+        response_serializer=None)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(got.service, got.handlers),))
+    server.add_registered_method_handlers(got.service, got.handlers)
 
 
 def serve(addr: str, store: ExperienceStore, registry: Registry, trainer=None, *,
@@ -213,7 +237,7 @@ def serve(addr: str, store: ExperienceStore, registry: Registry, trainer=None, *
         raise ValueError(f"stream_window must be >= 1, got {stream_window}")
     service = LearnerService(store, registry, trainer, rollout)
     service.stream_window = stream_window
-    pb_grpc.add_LearnerServicer_to_server(service, server)
+    _add_service(service, server)
     if credentials is None:
         log.warning("plaintext: local development only (learner on %s without TLS: anyone who "
                     "reaches it can write experience and read weights)", addr)

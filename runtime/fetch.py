@@ -7,6 +7,11 @@ manifest's ed25519 signature is checked against ``trust`` (runtime/signature.py)
 compared with the announcement before any other byte is fetched. A complete, verified folder is
 renamed to ``staging_dir/v<version>/``; a staged folder is reused when its files hash to what is
 announced. Anything that does not match raises ``Refused``.
+
+``FetchArtifact`` is called with raw responses (``fetch_rpc``) and each ``ArtifactChunk`` read in
+place by ``parse_chunk``: its bytes go to the file and the hash as a view of what gRPC received.
+The generated deserializer copies a chunk twice while holding the GIL (the parse, then reading
+``.data``), which the robot's control thread waits out; hashing and writing a view release it.
 """
 from __future__ import annotations
 
@@ -41,6 +46,60 @@ class Refused(Exception):
 
 class Abandoned(Exception):
     """A newer version was announced (or we are stopping): drop this fetch for now."""
+
+
+FETCH_METHOD = "/tether.v1.Learner/FetchArtifact"
+
+
+def fetch_rpc(channel: grpc.Channel):
+    """The learner's FetchArtifact answering serialized ``ArtifactChunk`` bytes (``parse_chunk``)."""
+    return channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString,
+                                response_deserializer=None)
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def parse_chunk(raw: bytes) -> tuple[int, memoryview, bool]:
+    """(offset, data, last) of a serialized ``ArtifactChunk`` (fields 1 int64, 2 bytes, 3 bool;
+    proto3 rules: any order, absent = default, the last occurrence wins, unknown fields skipped),
+    ``data`` a view into ``raw``. Raises ValueError on malformed bytes."""
+    buf = memoryview(raw)
+    offset, data, last = 0, buf[0:0], False
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            if field == 1:
+                offset = value - (1 << 64) if value >= 1 << 63 else value
+            elif field == 3:
+                last = bool(value)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if i + n > len(buf):
+                raise ValueError(f"field {field} claims {n} bytes, {len(buf) - i} left")
+            if field == 2:
+                data = buf[i:i + n]
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"field {field} has unsupported wire type {wire}")
+        if field in (1, 3) and wire != 0 or field == 2 and wire != 2 or i > len(buf):
+            raise ValueError(f"field {field} has wire type {wire} or runs past the message")
+    return offset, data, last
 
 
 def plain_name(name: str) -> bool:
@@ -79,10 +138,10 @@ class ArtifactFetcher:
         if ann.files[0].sha256 != ann.manifest_sha256:
             raise Refused("announcement's manifest_sha256 differs from its manifest.json entry")
 
-    def fetch(self, stub, ann: pb.VersionAnnouncement) -> tuple[pathlib.Path, Manifest]:
+    def fetch(self, rpc, ann: pb.VersionAnnouncement) -> tuple[pathlib.Path, Manifest]:
         """Fetch (or reuse the staged copy of) an announced version into
-        ``staging_dir/v<version>/``; returns it with its verified manifest. Raises Refused or
-        Abandoned."""
+        ``staging_dir/v<version>/`` with ``rpc`` (``fetch_rpc(channel)``); returns it with its
+        verified manifest. Raises Refused or Abandoned."""
         self.check_announcement(ann)
         final = self.staging_dir / f"v{ann.version}"
         if final.is_dir():
@@ -97,7 +156,7 @@ class ArtifactFetcher:
         self._event(f"fetching version {ann.version} ({sum(f.size for f in ann.files)} bytes)")
         manifest = None
         for f in ann.files:
-            self._fetch_file(stub, ann.version, f, partial / f.name)
+            self._fetch_file(rpc, ann.version, f, partial / f.name)
             if f.name == MANIFEST:
                 manifest = self._check_manifest(ann, partial)
         # verified: the manifest is signed by a trusted key and lists exactly the announced files,
@@ -128,7 +187,7 @@ class ArtifactFetcher:
                           f"{sorted(listed)} (names, sha256 and sizes must agree)")
         return manifest
 
-    def _fetch_file(self, stub, version: int, f: pb.FileInfo, path: pathlib.Path) -> None:
+    def _fetch_file(self, rpc, version: int, f: pb.FileInfo, path: pathlib.Path) -> None:
         """Fetch one file, resuming from what is on disk; returns once it matches f.sha256."""
         backoff = Backoff(cap_s=self.backoff_cap_s)
         fresh_retry_left = 1  # a resumed file that does not hash may hold bytes torn by a crash
@@ -145,7 +204,7 @@ class ArtifactFetcher:
                 if have:
                     self.resumed_bytes += have
                 try:
-                    digest = self._stream_into(stub, version, f, path, have)
+                    digest = self._stream_into(rpc, version, f, path, have)
                 except grpc.RpcError as e:
                     if self._stop.is_set():
                         raise Abandoned() from None
@@ -179,7 +238,7 @@ class ArtifactFetcher:
             raise Refused(f"{f.name} of version {version} has sha256 {digest[:12]}…, announced "
                           f"{f.sha256[:12]}…: corrupt or tampered")
 
-    def _stream_into(self, stub, version: int, f: pb.FileInfo, path: pathlib.Path,
+    def _stream_into(self, rpc, version: int, f: pb.FileInfo, path: pathlib.Path,
                      offset: int) -> str | None:
         """Append the file's bytes from ``offset``; returns its sha256 once it is complete (hashed
         as it is written: the bytes are not read back), None if the stream ended early."""
@@ -188,21 +247,23 @@ class ArtifactFetcher:
             with open(path, "rb") as done:
                 for block in iter(lambda: done.read(1 << 20), b""):
                     digest.update(block)
-        call = stub.FetchArtifact(pb.FetchRequest(version=version, name=f.name, offset=offset),
-                                  timeout=self.rpc_timeout_s)
+        call = rpc(pb.FetchRequest(version=version, name=f.name, offset=offset),
+                   timeout=self.rpc_timeout_s)
         pos = offset
         with open(path, "ab") as out:
             try:
-                for chunk in call:
-                    data = chunk.data  # each read of a bytes field is a copy
-                    if chunk.offset != pos or pos + len(data) > f.size:
-                        raise Refused(f"learner sent bytes [{chunk.offset}, "
-                                      f"{chunk.offset + len(data)}) of {f.name} when "
-                                      f"{pos} of {f.size} were expected")
+                for raw in call:
+                    try:
+                        at, data, last = parse_chunk(raw)
+                    except ValueError as e:
+                        raise Refused(f"learner sent a malformed chunk of {f.name}: {e}") from None
+                    if at != pos or pos + len(data) > f.size:
+                        raise Refused(f"learner sent bytes [{at}, {at + len(data)}) of {f.name} "
+                                      f"when {pos} of {f.size} were expected")
                     out.write(data)
                     digest.update(data)
                     pos += len(data)
-                    if chunk.last:
+                    if last:
                         break
                     if self.superseded(version):
                         raise Abandoned()

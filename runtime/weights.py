@@ -40,7 +40,7 @@ from typing import Callable
 import grpc
 
 from runtime.artifact import Manifest
-from runtime.fetch import Abandoned, ArtifactFetcher, Refused, code_of, details_of
+from runtime.fetch import Abandoned, ArtifactFetcher, Refused, code_of, details_of, fetch_rpc
 from runtime.signature import Trust
 from runtime.stream import Backoff, insecure_channel
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
@@ -203,6 +203,7 @@ class WeightSubscriber:
     # -- fetching ----------------------------------------------------------------------------
     def _fetch_loop(self, stub) -> None:
         lower_thread_priority(self.nice)
+        rpc = fetch_rpc(self._channel)
         while not self._stop.is_set():
             with self._cond:
                 self._cond.wait_for(lambda: self._stop.is_set() or self._wanted is not None, 0.5)
@@ -216,7 +217,7 @@ class WeightSubscriber:
                     self._installed(ann, "the previous policy still loaded")
                 else:
                     t0 = time.monotonic()
-                    path, manifest = self.fetcher.fetch(stub, ann)
+                    path, manifest = self.fetcher.fetch(rpc, ann)
                     t1 = time.monotonic()
                     self._install(ann, path, manifest)
                     self.timings[int(ann.version)] = {"fetch_s": round(t1 - t0, 4),
