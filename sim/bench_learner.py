@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tether bench learner", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--rt-priority", type=int, default=None,
+                   help="rollout: run the robots' control loops under SCHED_FIFO at this priority "
+                        "(needs root, CAP_SYS_NICE or ulimit -r; a robot not allowed runs normally)")
     p.add_argument("--minutes", type=float, default=15.0, help="each learning run")
     p.add_argument("--robots", type=int, default=8, help="robots in the learning fleet")
     p.add_argument("--staleness", type=int, default=DEFAULT_STALENESS,
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if "rollout" in parts:
         from sim.bench_rollout import run_rollout
 
-        result["rollout"] = run_rollout(robots=8, artifact_mb=20.0, work_dir=work / "rollout")
+        result["rollout"] = run_rollout(robots=8, artifact_mb=20.0, work_dir=work / "rollout",
+                                        rt_priority=a.rt_priority)
         print(f"bench learner: rollout {result['rollout']}", flush=True)
         save()
     if "learning" in parts:

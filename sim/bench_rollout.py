@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import statistics
 import subprocess
@@ -105,6 +106,7 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
 
     import torch
     torch.set_num_threads(1)  # the learner shares the machine's cores with the robots
+    # a temporary folder (~0.6 GB: each robot's staged versions and spool) goes with the run
     work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="tether-rollout-"))
     data = work / "learner"
     key = SigningKey.generate()
@@ -155,7 +157,8 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                 "announce_to_serve_p50_s": median["announce_to_serve_p50_s"],
                 "per_robot_s": median["per_robot_s"], "rounds": results,
                 "cpus": os.cpu_count(), "rt_priority": rt_priority,
-                "load_average": [round(x, 2) for x in os.getloadavg()], "work_dir": str(work)}
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "work_dir": str(work) if work_dir else None}
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -168,6 +171,8 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
         registry.close()
         server.stop(1.0).wait()
         store.close()
+        if not work_dir:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _statuses(homes) -> list[dict]:
