@@ -46,7 +46,7 @@ class _Sink:
 
 
 def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
-            max_steps: int = MAX_STEPS) -> tuple[list, list]:
+            max_steps: int = MAX_STEPS, temperature: float = 1.0) -> tuple[list, list]:
     """(records, outcomes) of ``episodes`` episodes; an outcome is None for a watched episode."""
     from runtime.chunks import ActionQueue
     from runtime.control import ControlLoop
@@ -56,7 +56,7 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
     from verifier.envelope import Envelope
     from verifier.gate import ChunkGate
 
-    policy = PolicyRunner(artifact, seed=seed)
+    policy = PolicyRunner(artifact, seed=seed, temperature=temperature)
     desc = robot.describe()
     rate = policy.manifest.control_rate_hz or desc.control_rate_hz
     queue, envelope = ActionQueue(policy.action_dim), Envelope(desc)
@@ -84,9 +84,11 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
 
 def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | None = None,
         supervision: float = 0.0, seed: int = 0, cache_dir: str = ".tether-cache/pretrained",
-        work_dir=None, log=print, pretrain: dict | None = None) -> list[dict]:
+        work_dir=None, log=print, pretrain: dict | None = None,
+        temperature: float = 1.0) -> list[dict]:
     """One JSON-able row per iteration: per-task success of the unwatched episodes, counts,
-    and the update's metrics."""
+    and the update's metrics. ``temperature`` scales the robots' sampling noise (a robot's
+    ``--temperature``; 0 = the mean)."""
     import torch
 
     from learner.pretrain import ensure_pretrained
@@ -121,7 +123,8 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
             for i, task in enumerate(tasks):
                 recs, outcomes = rollout(registry.artifact_dir(version), robots[task],
                                          clocks[task], task, episodes,
-                                         seed=seed * 7919 + it * 101 + i)
+                                         seed=seed * 7919 + it * 101 + i,
+                                         temperature=temperature)
                 records += recs
                 own = [o for o in outcomes if o is not None]
                 row["tasks"][task] = {"episodes": len(own), "successes": int(sum(own)),
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
                    help="pretraining settings (learner.pretrain.PretrainConfig fields), as JSON; "
                         "the cache keeps one policy per setting")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the robots' sampling temperature (0: mean actions)")
     p.add_argument("--out", default=None, help="write one JSON line per iteration here")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t) or DEFAULT_TASKS
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
             out.flush()
 
     rows = run(a.iterations, a.episodes, tasks, json.loads(a.trainer), a.supervision, a.seed,
-               log=log, pretrain=json.loads(a.pretrain))
+               log=log, pretrain=json.loads(a.pretrain), temperature=a.temperature)
     for start in range(0, len(rows), 10):
         block = rows[start:start + 10]
         n = sum(t["episodes"] for r in block for t in r["tasks"].values())
