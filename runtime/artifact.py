@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 MAX_ARTIFACT_FILE_BYTES = 512 * 1024 * 1024
 POLICY = "policy.onnx"
 POLICY_DATA = "policy.onnx.data"
+VERIFIER = "verifier.onnx"
 
 
 class ArtifactError(ValueError):
@@ -173,19 +174,22 @@ def verify_artifact(directory: str | os.PathLike) -> Manifest:
 
 
 def policy_digest(sha256s: dict[str, str]) -> str:
-    """The policy's weight identity from {file name: sha256}: ``policy.onnx``'s sha256 when its
-    tensors are inline, else one sha256 over the graph's and ``policy.onnx.data``'s digests (the
-    graph alone does not change when only external weights do)."""
-    if POLICY_DATA not in sha256s:
+    """The policy's weight identity from {file name: sha256} (the manifest's files; the
+    manifest itself and ``verifier.onnx`` are left out): ``policy.onnx``'s sha256 when it is the
+    only file, else one sha256 over every file's name and digest. An exported graph may name its
+    external data anything, and the graph alone does not change when only those weights do."""
+    names = sorted(n for n in sha256s if n not in (MANIFEST, VERIFIER))
+    if names == [POLICY]:
         return sha256s[POLICY]
-    return sha256_bytes(f"{POLICY}:{sha256s[POLICY]}\n{POLICY_DATA}:{sha256s[POLICY_DATA]}".encode())
+    if POLICY not in names:
+        raise ArtifactError(f"no {POLICY} among the files {names}")
+    return sha256_bytes("\n".join(f"{n}:{sha256s[n]}" for n in names).encode())
 
 
 def policy_sha256(directory: str | os.PathLike) -> str:
-    """``policy_digest`` of the policy files as they are on disk (hashes them)."""
+    """``policy_digest`` of the manifest's files as they are on disk (hashes them)."""
     directory = pathlib.Path(directory)
-    names = [POLICY] + ([POLICY_DATA] if (directory / POLICY_DATA).exists() else [])
-    return policy_digest({n: sha256_file(directory / n) for n in names})
+    return policy_digest({n: sha256_file(directory / n) for n in load_manifest(directory).files})
 
 
 def file_entry(path: pathlib.Path) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorrt as trt
 import torch
 
-from runtime.artifact import policy_sha256, write_atomic
+from runtime.artifact import policy_digest, write_atomic
 from runtime.backends.ort_backend import OUTPUTS, OrtBackend
 from runtime.engine_cache import (EngineCache, EngineKey, parity, shape_profile, structure_digest,
                                   swap_plan)
@@ -67,7 +67,8 @@ class TensorRTBackend:
         props = torch.cuda.get_device_properties(self.device)
         return EngineKey(trt.__version__, props.name, f"{props.major}.{props.minor}",
                          self.precision, shape_profile(manifest, self.max_batch, 1),
-                         policy_sha256(onnx_path.parent), self.refittable)
+                         policy_digest({n: i["sha256"] for n, i in manifest.files.items()}),
+                         self.refittable)
 
     def _build(self, onnx_path: pathlib.Path, key: EngineKey) -> bytes:
         t0 = time.monotonic()

@@ -176,3 +176,43 @@ def test_a_new_version_derives_its_backend_from_the_serving_one_when_it_can(arti
     assert not other.derived
     x = obs()
     np.testing.assert_allclose(new.infer(x).mean, other.infer(x).mean, rtol=1e-5, atol=1e-6)
+
+
+def test_the_weight_identity_covers_external_data_under_any_name(artifact, tmp_path):
+    """A team's own export may name its external data anything: changing only those weights
+    must change the identity (recorded with every chunk, keyed by the TensorRT engine cache and
+    the in-memory rollback)."""
+    onnx = pytest.importorskip("onnx")
+    from learner.signing import sign_artifact
+    from runtime.artifact import MANIFEST, file_entry, load_manifest
+    from tests.doubles import signing_key_for_tests
+
+    def repack(out, flip: bool):
+        shutil.copytree(artifact, out)
+        (out / POLICY_DATA).rename(out / "weights.bin")
+        if flip:
+            data = bytearray((out / "weights.bin").read_bytes())
+            data[100] ^= 0x01  # one weight, slightly different
+            (out / "weights.bin").write_bytes(bytes(data))
+        graph = onnx.load(str(out / POLICY), load_external_data=False)
+        for t in graph.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "weights.bin"
+        (out / POLICY).write_bytes(graph.SerializeToString())
+        manifest = json.loads((out / MANIFEST).read_text())
+        manifest["files"] = {n: file_entry(out / n) for n in (POLICY, "weights.bin")}
+        manifest["signature"] = None
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        sign_artifact(out, signing_key_for_tests())
+        return PolicyRunner(out, seed=0)
+
+    a, b = repack(tmp_path / "a", False), repack(tmp_path / "b", True)
+    files = load_manifest(tmp_path / "a").files
+    assert files[POLICY]["sha256"] == load_manifest(tmp_path / "b").files[POLICY]["sha256"]
+    assert a.weight_sha256 != b.weight_sha256
+    assert a.weight_sha256 == policy_sha256(tmp_path / "a") == policy_digest(
+        {n: i["sha256"] for n, i in files.items()} | {MANIFEST: "0" * 64, "verifier.onnx": "1" * 64})
+    np.testing.assert_allclose(a.infer(obs()).mean, PolicyRunner(artifact, seed=0).infer(obs()).mean)
+    only = {POLICY: "ab" * 32, MANIFEST: "cd" * 32}
+    assert policy_digest(only) == "ab" * 32  # inline weights: the graph's own sha256, as before
