@@ -50,6 +50,9 @@ def parse_args(argv):
                    "keeps imitating next to the fleet's data (default: demos.npz inside or next "
                    "to --init-artifact, when there)")
     p.add_argument("--publish-interval", type=float, default=25.0, help="seconds between publishes")
+    p.add_argument("--trainer", default="{}", help="TrainerConfig overrides as a JSON object of "
+                   "its plain fields, e.g. '{\"imitation_steps\": 0, \"lr\": 1e-5}' "
+                   "(learner/trainer_config.py)")
     p.add_argument("--min-episodes", type=int, default=2, help="new complete episodes per publish")
     p.add_argument("--staleness", type=int, default=TrainerConfig.staleness,
                    help="versions of staleness allowed: 0 = synchronous on-policy (robots wait "
@@ -89,6 +92,25 @@ def _beside(artifact: pathlib.Path, name: str) -> pathlib.Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def trainer_overrides(config: TrainerConfig, text: str) -> TrainerConfig:
+    """``config`` with the plain fields of the JSON object ``text`` replaced; ValueError names
+    what is wrong (not JSON, not an object, an unknown or a nested field)."""
+    try:
+        overrides = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--trainer is not JSON ({e}): {text!r}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--trainer must be a JSON object, got {text!r}")
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"--trainer: TrainerConfig has no field {name!r} "
+                             f"(fields: {sorted(fields)})")
+        if dataclasses.is_dataclass(getattr(config, name)) or isinstance(value, (dict, list)):
+            raise ValueError(f"--trainer: {name!r} is not a plain field")
+    return dataclasses.replace(config, **overrides)  # __post_init__ checks the values
 
 
 def find_demos(artifact: str | None, given: str | None) -> str:
@@ -170,12 +192,14 @@ def main(argv=None) -> int:
     if not args.no_train:
         try:
             dist_config, ranks = distributed.spawn_local(dist_config, data)
-            trainer = distributed.trainer_class(dist_config)(store, registry, TrainerConfig(
+            config = trainer_overrides(TrainerConfig(
                 publish_interval_s=args.publish_interval, min_new_episodes=args.min_episodes,
                 seed=args.seed, staleness=args.staleness,
                 demos=find_demos(args.init_artifact, args.demos),
                 verifier=dataclasses.replace(TrainerConfig.verifier, every=args.verifier_every)),
-                log_path=data / "updates.jsonl")
+                args.trainer)
+            trainer = distributed.trainer_class(dist_config)(store, registry, config,
+                                                             log_path=data / "updates.jsonl")
         except (RuntimeError, ValueError) as e:
             distributed.stop_local(ranks, timeout=0)
             print(f"tether learner: {e} (or run with --no-train)", file=sys.stderr)

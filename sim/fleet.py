@@ -53,6 +53,7 @@ class FleetConfig:
     # fraction of episodes a simulated operator watches and takes over when a robot stalls
     # (sim/supervisor.py): human interventions for the learner's imitation term; 0: none
     supervision: float = 0.0
+    trainer: dict = dataclasses.field(default_factory=dict)  # the learner's --trainer overrides
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
 
@@ -133,6 +134,8 @@ class Fleet:
             args += ["--staleness", str(c.staleness)]
         if c.verifier_every is not None:
             args += ["--verifier-every", str(c.verifier_every)]
+        if c.trainer:
+            args += ["--trainer", json.dumps(c.trainer)]
         if c.canary_fraction is not None:
             args += ["--canary-fraction", str(c.canary_fraction)]
         if c.canary_episodes is not None:
