@@ -71,7 +71,7 @@ class FetchCache:
             entry.ready.wait()
             if entry.data is not None:
                 return entry.data
-            build = True  # the builder failed: read it ourselves, uncached
+            # the builder failed: read it ourselves, uncached
         try:
             f.seek(offset)
             data = f.read(end - offset)

@@ -103,7 +103,7 @@ def trainer_overrides(config: TrainerConfig, text: str) -> TrainerConfig:
         raise ValueError(f"--trainer is not JSON ({e}): {text!r}") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"--trainer must be a JSON object, got {text!r}")
-    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
     for name, value in overrides.items():
         if name not in fields:
             raise ValueError(f"--trainer: TrainerConfig has no field {name!r} "

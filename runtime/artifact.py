@@ -186,11 +186,5 @@ def policy_digest(sha256s: dict[str, str]) -> str:
     return sha256_bytes("\n".join(f"{n}:{sha256s[n]}" for n in names).encode())
 
 
-def policy_sha256(directory: str | os.PathLike) -> str:
-    """``policy_digest`` of the manifest's files as they are on disk (hashes them)."""
-    directory = pathlib.Path(directory)
-    return policy_digest({n: sha256_file(directory / n) for n in load_manifest(directory).files})
-
-
 def file_entry(path: pathlib.Path) -> dict:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}

@@ -2,11 +2,12 @@
 so that every rule here is tested on a CPU machine.
 
 An engine is only valid for the TensorRT version, GPU (name and compute capability),
-precision, input-shape profile and ONNX bytes it was built from (``onnx_sha256``: the policy's
-``runtime.artifact.policy_digest``, over ``policy.onnx`` and its external weights); the cache key
-holds all five (plus whether it was built refittable). Entries are written atomically (temporary name, fsync,
-rename) next to a JSON sidecar with the key and the engine's sha256, so a torn or tampered file
-is never deserialized; the oldest entries beyond ``keep`` are pruned.
+precision, input-shape profile and ONNX bytes it was built from (``onnx_sha256``: the
+policy's ``runtime.artifact.policy_digest``, over ``policy.onnx`` and its external weights);
+the cache key holds all five (plus whether it was built refittable). Entries are written
+atomically (temporary name, fsync, rename) next to a JSON sidecar with the key and the engine's
+sha256, so a torn or tampered file is never deserialized; the oldest entries beyond ``keep``
+are pruned.
 """
 from __future__ import annotations
 

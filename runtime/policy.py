@@ -49,6 +49,8 @@ class PolicyRunner:
         self.artifact_dir = pathlib.Path(artifact_dir)
         self.manifest = verified if verified is not None else verify_artifact(self.artifact_dir)
         m = self.manifest
+        # recorded with every chunk: computed once (the manifest never changes)
+        self._weight_sha256 = policy_digest({n: str(i["sha256"]) for n, i in m.files.items()})
         self.backend_name = backend
         derive = (getattr(base.backend, "derive", None)
                   if base is not None and base.backend_name == backend else None)
@@ -82,7 +84,7 @@ class PolicyRunner:
 
     @property
     def weight_sha256(self) -> str:
-        return policy_digest({n: str(i["sha256"]) for n, i in self.manifest.files.items()})
+        return self._weight_sha256
 
     @property
     def horizon(self) -> int:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from robots.base import Observation
-from runtime.artifact import POLICY, POLICY_DATA, ArtifactError, policy_digest, policy_sha256
+from runtime.artifact import (POLICY, POLICY_DATA, ArtifactError, load_manifest, policy_digest,
+                              sha256_file)
 from runtime.backends import load_backend
 from runtime.policy import PolicyRunner
 from tests.doubles import export_tiny_artifact
@@ -24,6 +25,11 @@ def artifact(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(artifact):
     return PolicyRunner(artifact, seed=0)
+
+
+def _on_disk(directory):
+    """policy_digest of the manifest's files as they are on disk (hashed here)."""
+    return policy_digest({n: sha256_file(directory / n) for n in load_manifest(directory).files})
 
 
 def obs(state=(0.0, 0.6, 0.2, 0.5), shape=(48, 48, 3), camera="front"):
@@ -56,7 +62,7 @@ def test_infer_returns_a_finite_chunk_and_identity(runner, artifact):
     assert runner.version == 1 and runner.horizon == 8 and runner.action_dim == 4
     files = manifest["files"]
     assert POLICY_DATA in files  # the exporter keeps the large tensors outside the graph
-    assert runner.weight_sha256 == policy_sha256(artifact) == policy_digest(
+    assert runner.weight_sha256 == _on_disk(artifact) == policy_digest(
         {n: files[n]["sha256"] for n in (POLICY, POLICY_DATA)}) != files[POLICY]["sha256"]
     runner.check()
     stats = runner.latency_stats()
@@ -184,7 +190,7 @@ def test_the_weight_identity_covers_external_data_under_any_name(artifact, tmp_p
     the in-memory rollback)."""
     onnx = pytest.importorskip("onnx")
     from learner.signing import sign_artifact
-    from runtime.artifact import MANIFEST, file_entry, load_manifest
+    from runtime.artifact import MANIFEST, file_entry
     from tests.doubles import signing_key_for_tests
 
     def repack(out, flip: bool):
@@ -211,7 +217,7 @@ def test_the_weight_identity_covers_external_data_under_any_name(artifact, tmp_p
     files = load_manifest(tmp_path / "a").files
     assert files[POLICY]["sha256"] == load_manifest(tmp_path / "b").files[POLICY]["sha256"]
     assert a.weight_sha256 != b.weight_sha256
-    assert a.weight_sha256 == policy_sha256(tmp_path / "a") == policy_digest(
+    assert a.weight_sha256 == _on_disk(tmp_path / "a") == policy_digest(
         {n: i["sha256"] for n, i in files.items()} | {MANIFEST: "0" * 64, "verifier.onnx": "1" * 64})
     np.testing.assert_allclose(a.infer(obs()).mean, PolicyRunner(artifact, seed=0).infer(obs()).mean)
     only = {POLICY: "ab" * 32, MANIFEST: "cd" * 32}
