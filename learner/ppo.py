@@ -83,11 +83,15 @@ def normalize(adv: torch.Tensor, groups: list | None = None) -> torch.Tensor:
     return out
 
 
-def discounted_returns(rewards: list[float], gamma: float, bootstrap: float = 0.0) -> list[float]:
-    """Per-chunk discounted returns of one episode; ``bootstrap`` is the value after its last
-    chunk (0 when it terminated, the value estimate when it was cut off)."""
+def lambda_returns(rewards: list[float], values, gamma: float, lam: float,
+                   bootstrap: float = 0.0) -> list[float]:
+    """Per-chunk lambda-returns of one episode (GAE: advantage = lambda-return - value).
+    ``values[i]`` is the estimate at chunk i; ``bootstrap`` the value after the last chunk.
+    lam = 1 gives the discounted returns, lam = 0 the one-step targets r + gamma V'."""
     out, acc = [0.0] * len(rewards), float(bootstrap)
     for i in range(len(rewards) - 1, -1, -1):
-        acc = rewards[i] + gamma * acc
+        nxt = float(values[i + 1]) if i + 1 < len(rewards) else float(bootstrap)
+        # G_i = r_i + gamma ((1 - lam) V_{i+1} + lam G_{i+1})
+        acc = rewards[i] + gamma * ((1.0 - lam) * nxt + lam * acc)
         out[i] = acc
     return out

@@ -3,9 +3,9 @@
 Off-policy correction is decoupled PPO (``learner.ppo``) with the three policies kept apart:
 behaviour mu (the robot's log-probability, in each record), proximal (the learner's snapshot of
 the record's own version, EWMA of weights as the fallback; ``learner.proximal``) and current pi.
-Advantages are chunk-level discounted returns (plus a success bonus) minus the value head's
-estimate, normalized per task within an update; the value head regresses the running-normalized
-returns. Successful episodes and human interventions also train through an imitation term
+Advantages are chunk-level GAE (lambda-returns, with a success bonus, minus the value head's
+estimate), normalized per task within an update; the value head, at a step size of its own,
+regresses the running-normalized lambda-returns. Successful episodes and human interventions also train through an imitation term
 (Gaussian NLL of the executed rows). The step size is scaled by the effective sample size of
 the behaviour weights (VCPO).
 
@@ -20,6 +20,7 @@ at once. S > 0 trains whenever ``update_episodes`` new episodes are ready and pu
 Every publish checkpoints model, optimizer, RNGs, return statistics, the EWMA weights and the
 store position (``learner.episodes``); a new Trainer on the same registry resumes from there.
 One JSON line per update goes to ``log_path`` (``DATA/updates.jsonl`` in ``tether learner``).
+The update itself (advantages, PPO epochs, imitation, diagnostics) is ``learner.update``.
 The number of optimizer steps of an update depends only on its number of records (epochs x
 minibatches), so data-parallel ranks with equal shards stay in lockstep (``after_backward``).
 """
@@ -36,39 +37,26 @@ import zipfile
 import numpy as np
 import torch
 
-from learner import ppo
 from learner.batches import DecodeSpec, decode
 from learner.demos import DemoSet
 from learner.episodes import Episode, EpisodeFeed, usable_episodes
 from learner.imitation import ImitationSet
 from learner.export import config_from_manifest
-from learner.model import ReferenceVLA, gaussian_log_prob
-from learner.proximal import ProximalPolicies, batch_log_probs
+from learner.model import ReferenceVLA
+from learner.proximal import ProximalPolicies
 from learner.registry import Registry
 from learner.store import ExperienceStore
 from learner.trainer_config import TrainerConfig
 from learner.trainer_state import pack_state, unpack_rng
+from learner.update import UpdateStep, record_keys
 from learner.verifier_fleet_train import train_fleet_scorer
-from tether.wire import tether_pb2 as pb
 
 __all__ = ["Trainer", "TrainerConfig"]
 
 log = logging.getLogger("tether.learner.trainer")
 
-DROPPED = ("stale", "unusable", "masked", "incomplete")
 
-
-def _counts(dropped: collections.Counter) -> dict:
-    """Records dropped, by why: too stale, unusable (a gap or a shape the model cannot take),
-    behaviour weight masked (kept for value and imitation only), incomplete (pending limit)."""
-    return {k: int(dropped[k]) for k in DROPPED}
-
-
-def _keys(records) -> list[tuple[str, int]]:
-    return [(r.robot_id, r.seq) for r in records]
-
-
-class Trainer:
+class Trainer(UpdateStep):
     def __init__(self, store: ExperienceStore, registry: Registry,
                  config: TrainerConfig = TrainerConfig(), *, log_path=None,
                  demos: DemoSet | None = None):
@@ -91,11 +79,16 @@ class Trainer:
         self.model = ReferenceVLA(self.spec.config)
         self.model.load_state_dict(ckpt["model"])
         # the exploration noise (one global log_std per chunk row and action dim) has its own
-        # step size: its gradient sums over every chunk, far less noisy than the network's
-        rest = [p for p in self.model.parameters() if p is not self.model.log_std]
-        self._base_lr = (config.lr, config.log_std_lr)
-        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": [self.model.log_std]}],
-                                          lr=config.lr)
+        # step size: its gradient sums over every chunk, far less noisy than the network's. So
+        # has the value head: it starts untrained (pretraining has no returns) and must track
+        # the returns within a few updates to be a baseline at all, at a step size that would
+        # wreck the policy
+        value = list(self.model.value_head.parameters())
+        skip = {id(p) for p in value} | {id(self.model.log_std)}
+        rest = [p for p in self.model.parameters() if id(p) not in skip]
+        self._base_lr = (config.lr, config.log_std_lr, config.value_lr)
+        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": [self.model.log_std]},
+                                           {"params": value}], lr=config.lr)
         if ckpt.get("optimizer"):
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -176,7 +169,7 @@ class Trainer:
             flat = [r for ep in episodes for r in ep]
             if flat:
                 imitate, human = self._imitated(episodes)
-                self.imitation.add(decode(flat, self.spec), imitate, human, _keys(flat))
+                self.imitation.add(decode(flat, self.spec), imitate, human, record_keys(flat))
         log.info("resumed at version %d: store position %d, %d pending, %d ready and %d replay "
                  "episodes", self.version, self.feed.cursor, len(self.feed.pending),
                  len(self._ready), len(replay))
@@ -343,165 +336,6 @@ class Trainer:
             self._scorer = trained or self._scorer
         return self._scorer
 
-    # -- one update ----------------------------------------------------------------------------
-    def _returns(self, episodes, values_raw: np.ndarray) -> np.ndarray:
-        """Chunk-level discounted returns, the success bonus on the chunk that succeeded; an
-        episode that did not end in ``terminated`` bootstraps from the value estimate."""
-        c, out, at = self.config, [], 0
-        for ep in episodes:
-            rewards = [r.reward + c.success_bonus * r.success for r in ep]
-            at += len(ep)
-            bootstrap = 0.0 if ep[-1].terminated else float(values_raw[at - 1])
-            out += ppo.discounted_returns(rewards, c.gamma, bootstrap)
-        return np.asarray(out, np.float64)
-
-    def _values(self, batch) -> torch.Tensor:
-        mb, out = self.config.minibatch, []
-        with torch.no_grad():
-            for s in range(0, len(batch), mb):
-                part = batch.select(torch.arange(s, min(s + mb, len(batch))))
-                out.append(self.model.policy_and_value(*part.inputs())[2])
-        return torch.cat(out).double()
-
-    def train_on(self, records: list[pb.ChunkRecord]) -> dict:
-        """One update on the given episodes' records; returns (and logs) its metrics."""
-        c = self.config
-        t0 = time.monotonic()
-        episodes, dropped = usable_episodes(records, self.spec, self.version, c.staleness)
-        dropped.update(self._dropped)
-        self._dropped.clear()
-        flat = [r for ep in episodes for r in ep]
-        if not flat:
-            return self._log({"version": self.version, "records": 0, "dropped": _counts(dropped)})
-        self.model.train()
-        batch = decode(flat, self.spec)
-        logp_prox, exact = self.proximal.log_probs(batch, c.minibatch)
-        values_raw = self._values(batch).numpy() * self._ret_std + self._ret_mean
-        returns = self._returns(episodes, values_raw)
-        self._update_return_stats(returns)
-        returns_n = torch.from_numpy((returns - self._ret_mean) / self._ret_std)
-        values_n = torch.from_numpy((values_raw - self._ret_mean) / self._ret_std)
-        adv = ppo.normalize(returns_n - values_n, [r.task for r in flat])
-        w, valid = ppo.behaviour_weights(logp_prox, batch.behaviour_log_prob, c.max_is_ratio)
-        # an operator's rows (human interventions) were not sampled from any policy: they train
-        # the imitation and value terms only, and do not count in the behaviour weights' ESS
-        imitate, human = self._imitated(episodes)
-        own = ~human
-        valid = valid & own
-        ess = ppo.effective_sample_size(w[own], valid[own]) if bool(own.any()) else 1.0
-        for group, base in zip(self.optimizer.param_groups, self._base_lr):
-            group["lr"] = base * (ess if c.ess_scaled_lr else 1.0)
-        successful = [any(r.success for r in ep) for ep in episodes]
-        rows = batch.row_mask.sum(-1).clamp(min=1.0)
-        sums = collections.defaultdict(float)
-        steps = 0
-        for _ in range(c.epochs):
-            perm = torch.randperm(len(batch), generator=self._gen)
-            for s in range(0, len(batch), c.minibatch):
-                idx = perm[s:s + c.minibatch]
-                part = batch.select(idx)
-                mean, log_std, v = self.model.policy_and_value(*part.inputs(),
-                                                               detach_value=c.detach_value)
-                logp = gaussian_log_prob(mean, log_std, part.actions, part.row_mask)
-                pg, r, clip_frac = ppo.surrogate_loss(logp, logp_prox[idx], adv[idx], w[idx],
-                                                      valid[idx], c.clip,
-                                                      rows[idx] if c.row_ratio else None)
-                value_loss = torch.nn.functional.mse_loss(v.double(), returns_n[idx])
-                bc = ppo.imitation_loss(logp, rows[idx], imitate[idx])
-                loss = c.pg_coef * pg + c.value_coef * value_loss + c.bc_coef * bc
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.after_backward is not None:  # data-parallel: average the gradients
-                    self.after_backward(self.model)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.optimizer.step()
-                self.proximal.update_ewma(self.model)
-                steps += 1
-                self.train_steps += 1
-                sums["loss_pg"] += pg.item()
-                sums["loss_value"] += value_loss.item()
-                sums["loss_bc"] += bc.item()
-                sums["ratio_mean"] += float((r * w[idx]).mean())
-                sums["clip_frac"] += clip_frac
-        metrics = {k: v / steps for k, v in sums.items()}
-        if self.imitation is not None:
-            self.imitation.add(batch, imitate, human, _keys(flat))
-            metrics.update(self._imitate())
-        metrics.update(self._diagnostics(batch, logp_prox, exact & own, w, valid, dropped, own))
-        metrics.update(
-            version=self.version, records=len(flat), episodes=len(episodes), steps=steps,
-            lr=self.optimizer.param_groups[0]["lr"], ess=ess, success_episodes=sum(successful),
-            imitate_frac=float(imitate.double().mean()), return_mean=float(returns.mean()),
-            human_records=int(human.sum()),
-            seconds=round(time.monotonic() - t0, 3))
-        m = metrics
-        log.info("update v%d: %d records/%d episodes (%d successful), pg %.4f value %.4f bc %.4f, "
-                 "clip %.3f, masked %.3f, ess %.3f, kl %.4f/%.4f, staleness %s, exact %.2f, "
-                 "gap %.4f, log_std %.3f", self.version, len(flat), len(episodes),
-                 m["success_episodes"], m["loss_pg"], m["loss_value"], m["loss_bc"],
-                 m["clip_frac"], m["masked_frac"], ess, m["kl_behaviour"], m["kl_update"],
-                 m["staleness_hist"], m["proximal_exact_frac"], m["logp_gap_mean"], m["log_std"])
-        return self._log(metrics)
-
-    @staticmethod
-    def _imitated(episodes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per record: imitate it? is it an operator's? The policy's own chunks are imitated
-        when its episode succeeded on its own: an episode an operator rescued succeeded because
-        of the operator, after the policy had stalled."""
-        human = torch.tensor([r.human_intervention for ep in episodes for r in ep],
-                             dtype=torch.bool)
-        own_success = [any(r.success for r in ep) and not any(r.human_intervention for r in ep)
-                       for ep in episodes]
-        imitate = torch.tensor([ok for ok, ep in zip(own_success, episodes) for _ in ep],
-                               dtype=torch.bool) | human
-        return imitate, human
-
-    def _imitate(self) -> dict:
-        """``imitation_steps`` steps of the imitation optimizer on the aggregated set."""
-        c, data = self.config, self.imitation
-        if len(data) == 0 and self.after_backward is None:
-            return {"imitation_set": 0}
-        total = 0.0
-        for _ in range(c.imitation_steps):
-            if len(data):
-                loss = data.loss(self.model, data.sample(c.imitation_batch, self._rng),
-                                 self._gen, c.imitation_prefix_noise)
-            else:  # data-parallel, nothing here yet: a zero step keeps this rank in step
-                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
-            self.imitation_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.after_backward is not None:
-                self.after_backward(self.model)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.imitation_optimizer.step()
-            self.proximal.update_ewma(self.model)
-            self.imitation_steps += 1
-            total += loss.item()
-        return {"loss_imitation": total / max(1, c.imitation_steps), "imitation_set": len(data),
-                "imitation_fleet": data.fleet, "imitation_added": dict(data.added)}
-
-    def _diagnostics(self, batch, logp_prox, exact, w, valid, dropped, own) -> dict:
-        """Behaviour KL, update KL, staleness and robot/learner discrepancy of one update
-        (``own``: the policy's records; an operator's have no behaviour probability)."""
-        logp_new = batch_log_probs(self.model, batch, self.config.minibatch)
-        gap = (batch.behaviour_log_prob - logp_prox).abs()[exact]
-        behind = (self.version - batch.policy_version).tolist()
-        masked = ~valid & own
-        dropped["masked"] += int(masked.sum())
-        n_own = max(1, int(own.sum()))
-        return dict(
-            ratio_start=float(w[own].mean()) if bool(own.any()) else 1.0,
-            masked_frac=float(masked.sum()) / n_own,
-            kl_behaviour=ppo.k3_kl(batch.behaviour_log_prob[own], logp_prox[own]),
-            kl_update=ppo.k3_kl(logp_prox, logp_new, torch.where(valid, w, torch.zeros_like(w))),
-            proximal_exact_frac=float(exact.double().mean()),
-            logp_gap_mean=float(gap.mean()) if len(gap) else 0.0,
-            logp_gap_max=float(gap.max()) if len(gap) else 0.0,
-            masked_by_gap_frac=float((masked & exact).sum()) / n_own,
-            staleness=float(np.mean(behind)),
-            staleness_hist={str(k): n for k, n in sorted(collections.Counter(behind).items())},
-            dropped=_counts(dropped), log_std=float(self.model.log_std.detach().mean()))
-
     def _log(self, metrics: dict) -> dict:
         metrics = dict(metrics, time=time.time())
         self.last_metrics = metrics
@@ -509,12 +343,3 @@ class Trainer:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(metrics, sort_keys=True) + "\n")
         return metrics
-
-    def _update_return_stats(self, returns: np.ndarray) -> None:
-        """Running mean/std of returns: the value head regresses normalized returns."""
-        mean, std = float(returns.mean()), float(max(returns.std(), 1e-3))
-        if not self._ret_seen:
-            self._ret_mean, self._ret_std, self._ret_seen = mean, std, True
-        else:
-            self._ret_mean = 0.9 * self._ret_mean + 0.1 * mean
-            self._ret_std = max(0.9 * self._ret_std + 0.1 * std, 1e-3)

@@ -23,6 +23,8 @@ class TrainerConfig:
     success_bonus: float = 1000.0
     lr: float = 3e-6                # Adam, for the network (see the module docstring)
     log_std_lr: float = 3e-3        # Adam, for the policy's global log_std (the noise)
+    value_lr: float = 1e-3          # Adam, for the value head (not scaled by the ESS)
+    gae_lambda: float = 0.95        # advantages: lambda-returns minus values (1: Monte Carlo)
     clip: float = 0.2
     max_is_ratio: float = 2.0       # behaviour weights prox/mu above this are masked out
     pg_coef: float = 1.0            # the decoupled-PPO policy gradient
@@ -68,7 +70,8 @@ class TrainerConfig:
     def __post_init__(self):
         checks = {
             "gamma": 0 <= self.gamma <= 1, "success_bonus": self.success_bonus >= 0,
-            "lr": self.lr > 0, "log_std_lr": self.log_std_lr >= 0, "clip": 0 < self.clip < 1,
+            "lr": self.lr > 0, "log_std_lr": self.log_std_lr >= 0,
+            "value_lr": self.value_lr >= 0, "gae_lambda": 0 <= self.gae_lambda <= 1, "clip": 0 < self.clip < 1,
             "max_is_ratio": self.max_is_ratio >= 1, "pg_coef": self.pg_coef >= 0,
             "value_coef": self.value_coef >= 0, "bc_coef": self.bc_coef >= 0,
             "epochs": self.epochs >= 1, "minibatch": self.minibatch >= 1,

@@ -132,8 +132,9 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
             m = model.train_on(records)
             model.publish()
             row.update({k: m.get(k) for k in ("records", "human_records", "kl_update",
-                                               "clip_frac", "log_std", "ess", "loss_imitation",
-                                               "imitation_fleet", "seconds")})
+                                               "clip_frac", "loss_value", "loss_pg", "log_std",
+                                               "ess", "loss_imitation", "imitation_fleet",
+                                               "seconds")})
             row["wall_s"] = round(time.monotonic() - t0, 1)
             rows.append(row)
             log(json.dumps(row))

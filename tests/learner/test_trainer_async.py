@@ -38,6 +38,40 @@ def test_ppo_pieces():
     assert ppo.k3_kl(lp(0.0), lp(1.0)) == pytest.approx(0.5, abs=0.02)
 
 
+def test_lambda_returns_span_monte_carlo_to_one_step_targets():
+    rewards, values = [1.0, 0.0, 2.0], [0.5, -1.0, 3.0]
+    g = 0.9
+    mc = [1 + g * (0 + g * (2 + g * 4.0)), 0 + g * (2 + g * 4.0), 2 + g * 4.0]
+    assert ppo.lambda_returns(rewards, values, g, 1.0, bootstrap=4.0) == pytest.approx(mc)
+    # lambda 0: r + gamma V(next), the bootstrap after the last chunk
+    assert ppo.lambda_returns(rewards, values, g, 0.0, bootstrap=4.0) == pytest.approx(
+        [1 + g * -1.0, 0 + g * 3.0, 2 + g * 4.0])
+    # in between: G_i = r_i + gamma ((1 - lam) V_{i+1} + lam G_{i+1})
+    lam = 0.5
+    g2 = 2 + g * 4.0
+    g1 = 0 + g * ((1 - lam) * 3.0 + lam * g2)
+    g0 = 1 + g * ((1 - lam) * -1.0 + lam * g1)
+    assert ppo.lambda_returns(rewards, values, g, lam, bootstrap=4.0) == pytest.approx([g0, g1, g2])
+
+
+def test_the_value_head_learns_at_its_own_step_size_while_the_policy_barely_moves(setup):
+    """The value head starts untrained: at the network's small step size it would not be a
+    baseline for many updates. Its own (larger) step size must not move the policy."""
+    store, registry, manifest, session = setup
+    eps = [ep(session, manifest, f"v{i}", reward=float(i), seed=70 + i) for i in range(4)]
+    flat = [r for e in eps for r in e]
+    errors = {}
+    for value_lr in (0.0, 1e-2):
+        trainer = Trainer(store, registry, TrainerConfig(
+            value_lr=value_lr, lr=1e-9, log_std_lr=0.0, epochs=8, minibatch=8, bc_coef=0.0,
+            imitation_lr=0.0, success_bonus=0.0, gae_lambda=1.0))
+        before = logp(trainer, flat)
+        losses = [trainer.train_on(flat)["loss_value"] for _ in range(3)]
+        errors[value_lr] = losses[-1]
+        assert (logp(trainer, flat) - before).abs().max() < 1e-3
+    assert errors[1e-2] < 0.5 * errors[0.0]
+
+
 def test_old_versions_use_their_own_snapshot_not_the_current_weights(setup):
     store, registry, manifest, session = setup
     config = TrainerConfig(staleness=4, epochs=2, minibatch=8, lr=1e-3, snapshots=1)
