@@ -20,6 +20,8 @@ its schedule, counts ``observation_holds`` by reason, and commands again on the 
 """
 from __future__ import annotations
 
+import collections
+
 import logging
 import threading
 from typing import Callable
@@ -71,6 +73,9 @@ class ControlLoop:
         self.jitter = LatencyWindow(4096)
         self.ticks = 0
         self.deadline_misses = 0
+        # when (clock time) the latest misses happened, and how many ticks each: to tell what
+        # the robot was doing then (a weight fetch, a swap) from the status file
+        self.recent_misses: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
         self.stall_ticks = 0
         self.operator_ticks = 0  # ticks a human operator drove (StepResult.operator)
         self.verifier_hold_ticks = 0  # empty queue because the verifier vetoed (not a stall)
@@ -148,6 +153,7 @@ class ControlLoop:
             self.jitter.add(abs(late))
             if late > self.period / 2:
                 self.deadline_misses += 1
+                self.recent_misses.append((round(self.clock.now(), 4), 1))
             self.step()
             deadline += self.period
             behind = self.clock.now() - deadline
@@ -155,6 +161,7 @@ class ControlLoop:
                 # skip the missed deadlines rather than bursting ticks to catch up; phase kept
                 skipped = int(behind // self.period)
                 self.deadline_misses += skipped
+                self.recent_misses.append((round(self.clock.now(), 4), skipped))
                 deadline += skipped * self.period
             if self.worker is not None and getattr(self.worker, "failed", False):
                 self.stopped_by_errors = True
@@ -286,6 +293,7 @@ class ControlLoop:
 
     def stats(self) -> dict:
         return {"ticks": self.ticks, "deadline_misses": self.deadline_misses,
+                "recent_misses": [list(m) for m in self.recent_misses],
                 "stall_ticks": self.stall_ticks, "verifier_hold_ticks": self.verifier_hold_ticks,
                 "operator_ticks": self.operator_ticks,
                 "gate_wait_ticks": self.gate_wait_ticks,

@@ -196,10 +196,12 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
     missed = _diff(at_publish, _counters(_statuses(homes)))
     baseline = _diff(before, at_export)
     per_robot = {r: round(s["swapped_at"] - t_commit, 3) for r, s in sorted(swapped.items())}
+    phases = _misses_by_phase(_statuses_by_robot(homes), swapped, t_commit)
     w = [s["weights"] for s in swapped.values()]
     timings = [x.get("timings") or {} for x in w]
     return {
         "version": version,
+        "committed_at": round(t_commit, 4),  # CLOCK_MONOTONIC, to line up with profiles
         "seconds_to_all": round(max(per_robot.values()), 3),
         "missed_ticks": missed["deadline_misses"] + missed["swap_stall_ticks"],
         "announce_to_serve_p50_s": round(statistics.median(
@@ -219,6 +221,8 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
         "fetch_p50_s": round(statistics.median(t.get("fetch_s", 0.0) for t in timings), 3),
         "load_p50_s": round(statistics.median(t.get("load_s", 0.0) for t in timings), 3),
         "deadline_misses": missed["deadline_misses"],
+        # what the robot was doing when its deadline misses happened (from the commit on)
+        "misses_by_phase": phases,
         "swap_stall_ticks": missed["swap_stall_ticks"],
         "ticks_in_window": missed["ticks"], "window_s": round(time.monotonic() - t_commit, 2),
         "baseline_missed_ticks": baseline["deadline_misses"] + baseline["swap_stall_ticks"],
@@ -226,6 +230,30 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
         "publish_s": round(t_commit - t_export, 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def _statuses_by_robot(homes) -> dict[str, dict]:
+    return {rid: _read(home / "status.json") for rid, home in homes.items()}
+
+
+PHASES = ("before_fetch", "fetch", "load", "staged", "after_swap")
+
+
+def _misses_by_phase(now: dict[str, dict], swapped: dict[str, dict], t_commit: float) -> dict:
+    """Deadline misses after ``t_commit`` by what the robot was doing: waiting for the
+    announcement or the fetch thread, fetching + verifying, loading + warming up + checking,
+    staged (waiting for a chunk boundary), or running the new version."""
+    out = dict.fromkeys(PHASES, 0)
+    for rid, s in swapped.items():
+        w, t = s["weights"], s["weights"].get("timings") or {}
+        installed = w["installed_at"]
+        loaded_from = installed - t.get("load_s", 0.0)
+        fetch_from = loaded_from - t.get("fetch_s", 0.0)
+        edges = (fetch_from, loaded_from, installed, s["swapped_at"])
+        for at, n in now.get(rid, {}).get("control", {}).get("recent_misses", []):
+            if at >= t_commit:
+                out[PHASES[sum(at >= e for e in edges)]] += int(n)
+    return out
 
 
 def _wait_running(homes, procs, rollout, version, timeout_s) -> list[dict]:

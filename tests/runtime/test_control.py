@@ -215,3 +215,21 @@ def test_operator_ticks_record_the_operators_command_and_what_was_observed():
     # the envelope's rate limit continues from what the robot actually did
     after = robot.sent[13]  # sends 10..13 were the operator's (sent[9..12])
     assert np.all(np.abs(after - robot.command) <= np.asarray(robot.describe().max_delta) + 1e-6)
+
+
+def test_deadline_misses_are_timed_so_a_stall_can_be_traced_to_what_ran_then():
+    clock = VirtualClock()
+
+    class Stalls(PointMassRobot):
+        def send_action(self, action):
+            if len(self.sent) == 30:
+                clock.advance(0.55)  # the tick overran by 5.5 periods (a GC pause, a fetch)
+            return super().send_action(action)
+
+    loop, *_ = build(robot=Stalls(clock=clock), clock=clock)
+    loop.run(max_ticks=50)
+    assert loop.deadline_misses >= 4
+    misses = loop.stats()["recent_misses"]
+    assert sum(n for _, n in misses) == loop.deadline_misses
+    # all of them at the stall: tick 30 began at ~3.0 s (10 Hz, after the reset's period)
+    assert all(3.0 <= t <= 3.0 + 0.55 + 2 / RATE for t, _ in misses)
