@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
 
-import numpy as np
 
 from sim.tasks import DEFAULT_TASKS
 
@@ -142,6 +142,8 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
         for r in robots.values():
             r.close()
         store.close()
+        if work_dir is None:  # a registry of every version and the store: ~0.25 GB a run
+            shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
