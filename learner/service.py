@@ -187,6 +187,7 @@ class LearnerService(pb_grpc.LearnerServicer):
             latest_version=self.registry.latest(),
             versions_published=t.versions_published if t is not None else self.registry.published,
             train_steps=t.train_steps if t is not None else 0,
+            fetch_chunks_cached=self.fetch_cache.hits, fetch_chunks_read=self.fetch_cache.misses,
             robots=[pb.RobotStats(robot_id=r, **s) for r, s in per_robot.items()])
 
 

@@ -103,6 +103,32 @@ def test_fetch_resumes_from_an_offset_with_identical_bytes(learner):
     assert _fetch(stub, v, MANIFEST)[0].data == (registry.artifact_dir(v) / MANIFEST).read_bytes()
 
 
+def test_a_fleet_fetching_one_version_reads_each_chunk_from_disk_once(learner):
+    """The service serves FetchArtifact from its chunk cache: eight robots fetching the same
+    version at once cost one read and one serialization per chunk, and all get the file."""
+    stub, _, registry, *_ = learner
+    big = ReferenceVLA(dataclasses.replace(VLAConfig(), vocab=16_384)).eval()
+    v = registry.publish(big).version
+    whole = (registry.artifact_dir(v) / POLICY_DATA).read_bytes()
+    n_chunks = -(-len(whole) // CHUNK_BYTES)
+    before = stub.GetStats(pb.StatsRequest())
+    got, start = [None] * 8, threading.Barrier(8)
+
+    def robot(i):
+        start.wait()
+        got[i] = b"".join(c.data for c in _fetch(stub, v, POLICY_DATA))
+
+    threads = [threading.Thread(target=robot, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == [whole] * 8
+    after = stub.GetStats(pb.StatsRequest())
+    assert after.fetch_chunks_read - before.fetch_chunks_read == n_chunks
+    assert after.fetch_chunks_cached - before.fetch_chunks_cached == 7 * n_chunks
+
+
 @pytest.mark.parametrize("version,name,code", [
     (1, "../../exp.sqlite", grpc.StatusCode.NOT_FOUND),
     (1, "/etc/passwd", grpc.StatusCode.NOT_FOUND),
