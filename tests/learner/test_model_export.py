@@ -86,7 +86,7 @@ def test_the_keypoint_temperature_is_learned_and_old_checkpoints_load_at_tempera
     with torch.no_grad():
         model.encoders["front"].pool.log_temperature.fill_(1.5)
     model.load_state_dict(old)  # saved before the temperature existed: strict load still works
-    assert float(model.encoders["front"].pool.log_temperature) == 0.0
+    assert float(model.encoders["front"].pool.log_temperature.detach()) == 0.0
 
 
 def test_large_tensors_go_to_page_aligned_external_data_and_run_the_same(exported, tmp_path):
