@@ -21,7 +21,6 @@ its schedule, counts ``observation_holds`` by reason, and commands again on the 
 from __future__ import annotations
 
 import collections
-
 import logging
 import threading
 from typing import Callable
@@ -153,7 +152,7 @@ class ControlLoop:
             self.jitter.add(abs(late))
             if late > self.period / 2:
                 self.deadline_misses += 1
-                self.recent_misses.append((round(self.clock.now(), 4), 1))
+                self.recent_misses.append((round(deadline + late, 4), 1))
             self.step()
             deadline += self.period
             behind = self.clock.now() - deadline
@@ -161,7 +160,7 @@ class ControlLoop:
                 # skip the missed deadlines rather than bursting ticks to catch up; phase kept
                 skipped = int(behind // self.period)
                 self.deadline_misses += skipped
-                self.recent_misses.append((round(self.clock.now(), 4), skipped))
+                self.recent_misses.append((round(deadline + behind, 4), skipped))
                 deadline += skipped * self.period
             if self.worker is not None and getattr(self.worker, "failed", False):
                 self.stopped_by_errors = True

@@ -79,9 +79,9 @@ def _read(path: pathlib.Path) -> dict:
         return {}
 
 
-def _counters(statuses: list[dict]) -> dict:
+def _counters(statuses: dict[str, dict]) -> dict:
     out = {"deadline_misses": 0, "swap_stall_ticks": 0, "ticks": 0}
-    for s in statuses:
+    for s in statuses.values():
         out["deadline_misses"] += int(s.get("control", {}).get("deadline_misses", 0))
         out["ticks"] += int(s.get("control", {}).get("ticks", 0))
         out["swap_stall_ticks"] += int(s.get("swap_stall_ticks", 0))
@@ -175,8 +175,9 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _statuses(homes) -> list[dict]:
-    return [_read(h / "status.json") for h in homes.values()]
+def _statuses(homes) -> dict[str, dict]:
+    """Each robot's status.json, by robot id."""
+    return {rid: _read(home / "status.json") for rid, home in homes.items()}
 
 
 def _round(registry, homes, procs, model, timeout_s: float) -> dict:
@@ -193,10 +194,10 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
     last_swap = max(s["swapped_at"] for s in swapped.values())
     # the node counts underruns up to SWAP_WINDOW_S after a swap; then a few status writes
     time.sleep(max(0.0, last_swap + SWAP_WINDOW_S - time.monotonic()) + 3 * STATUS_INTERVAL_S)
-    missed = _diff(at_publish, _counters(_statuses(homes)))
+    after = _statuses(homes)
+    missed = _diff(at_publish, _counters(after))
     baseline = _diff(before, at_export)
     per_robot = {r: round(s["swapped_at"] - t_commit, 3) for r, s in sorted(swapped.items())}
-    phases = _misses_by_phase(_statuses_by_robot(homes), swapped, t_commit)
     w = [s["weights"] for s in swapped.values()]
     timings = [x.get("timings") or {} for x in w]
     return {
@@ -222,7 +223,7 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
         "load_p50_s": round(statistics.median(t.get("load_s", 0.0) for t in timings), 3),
         "deadline_misses": missed["deadline_misses"],
         # what the robot was doing when its deadline misses happened (from the commit on)
-        "misses_by_phase": phases,
+        "misses_by_phase": _misses_by_phase(after, swapped, t_commit),
         "swap_stall_ticks": missed["swap_stall_ticks"],
         "ticks_in_window": missed["ticks"], "window_s": round(time.monotonic() - t_commit, 2),
         "baseline_missed_ticks": baseline["deadline_misses"] + baseline["swap_stall_ticks"],
@@ -230,10 +231,6 @@ def _round(registry, homes, procs, model, timeout_s: float) -> dict:
         "publish_s": round(t_commit - t_export, 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-
-
-def _statuses_by_robot(homes) -> dict[str, dict]:
-    return {rid: _read(home / "status.json") for rid, home in homes.items()}
 
 
 PHASES = ("before_fetch", "fetch", "load", "staged", "after_swap")

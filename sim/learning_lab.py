@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 
-
 from sim.tasks import DEFAULT_TASKS
 
 MAX_STEPS = 150  # the fleet's episode length (MetaWorldRobot's default)
