@@ -158,34 +158,13 @@ class ArtifactFetcher:
         for f in ann.files:
             self._fetch_file(rpc, ann.version, f, partial / f.name)
             if f.name == MANIFEST:
-                manifest = self._check_manifest(ann, partial)
+                manifest = check_manifest(ann, partial, self.trust)
         # verified: the manifest is signed by a trusted key and lists exactly the announced files,
         # and each file hashed to its announced sha256 as it was written (not hashed again here)
         fsync_dir(partial)
         os.replace(partial, final)
         fsync_dir(self.staging_dir)
         return final, manifest
-
-    def _check_manifest(self, ann: pb.VersionAnnouncement, partial: pathlib.Path) -> Manifest:
-        """Before fetching the big files: is the manifest signed by a trusted key, and does it
-        agree with the announcement?"""
-        data = (partial / MANIFEST).read_bytes()
-        try:
-            check_manifest_bytes(data, self.trust, f"manifest of version {ann.version}")
-        except SignatureError as e:
-            raise Refused(str(e)) from None
-        try:
-            manifest = Manifest.from_json(data)
-        except (ArtifactError, TypeError) as e:
-            raise Refused(f"manifest of version {ann.version} is invalid: {e}") from None
-        if manifest.version != ann.version:
-            raise Refused(f"manifest says version {manifest.version}, announced {ann.version}")
-        announced = {f.name: (f.sha256, f.size) for f in ann.files[1:]}
-        listed = {n: (i.get("sha256"), int(i.get("size", -1))) for n, i in manifest.files.items()}
-        if announced != listed:
-            raise Refused(f"announced files {sorted(announced)} do not match the manifest's "
-                          f"{sorted(listed)} (names, sha256 and sizes must agree)")
-        return manifest
 
     def _fetch_file(self, rpc, version: int, f: pb.FileInfo, path: pathlib.Path) -> None:
         """Fetch one file, resuming from what is on disk; returns once it matches f.sha256."""
@@ -274,6 +253,28 @@ class ArtifactFetcher:
                 out.flush()
                 os.fsync(out.fileno())
         return digest.hexdigest() if pos == f.size else None
+
+
+def check_manifest(ann: pb.VersionAnnouncement, folder: pathlib.Path, trust: Trust) -> Manifest:
+    """Is ``folder``'s manifest signed by a trusted key, and does it agree with the announcement
+    (version, and every other file's name, sha256 and size)? Raises Refused."""
+    data = (folder / MANIFEST).read_bytes()
+    try:
+        check_manifest_bytes(data, trust, f"manifest of version {ann.version}")
+    except SignatureError as e:
+        raise Refused(str(e)) from None
+    try:
+        manifest = Manifest.from_json(data)
+    except (ArtifactError, TypeError) as e:
+        raise Refused(f"manifest of version {ann.version} is invalid: {e}") from None
+    if manifest.version != ann.version:
+        raise Refused(f"manifest says version {manifest.version}, announced {ann.version}")
+    announced = {f.name: (f.sha256, f.size) for f in ann.files[1:]}
+    listed = {n: (i.get("sha256"), int(i.get("size", -1))) for n, i in manifest.files.items()}
+    if announced != listed:
+        raise Refused(f"announced files {sorted(announced)} do not match the manifest's "
+                      f"{sorted(listed)} (names, sha256 and sizes must agree)")
+    return manifest
 
 
 def code_of(e: grpc.RpcError):

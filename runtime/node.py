@@ -87,6 +87,11 @@ class NodeConfig:
     # simulated robots only: a simulated operator watches this fraction of episodes and takes
     # over when the robot stalls (sim/supervisor.py); its ticks are recorded as interventions
     supervision: float = 0.0
+    # where a new version is fetched (runtime/fetch_process.py): "process", a child of its own
+    # at ``fetch_priority`` ("idle": SCHED_IDLE, or a nice increment 1..19), so the control loop
+    # keeps its cores and its GIL during a fetch; "thread": a nice thread of this process
+    fetch: str = "process"
+    fetch_priority: str = "idle"
 
     def __post_init__(self):
         if self.strategy is not None:
@@ -120,6 +125,13 @@ class NodeConfig:
                              f"string {self.trusted_keys!r}")
         if self.status_interval_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("NodeConfig status_interval_s must be > 0, drain_timeout_s >= 0")
+        if self.fetch not in ("process", "thread"):
+            raise ValueError(f"NodeConfig fetch must be 'process' or 'thread' (--fetch), got "
+                             f"{self.fetch!r}")
+        if self.fetch_priority != "idle" and not (self.fetch_priority.isdigit()
+                                                  and 1 <= int(self.fetch_priority) <= 19):
+            raise ValueError(f"NodeConfig fetch_priority must be 'idle' or a nice increment "
+                             f"1..19 (--fetch-priority), got {self.fetch_priority!r}")
         tls = (self.tls_cert, self.tls_key, self.tls_ca)
         if any(tls) and not all(tls):
             raise ValueError("NodeConfig needs tls_cert, tls_key and tls_ca together (--tls-cert "
@@ -186,7 +198,7 @@ class RobotNode:
             self.subscriber = WeightSubscriber(c.learner, c.robot_id, c.staging_dir,
                                                self._on_artifact, self.policy.version,
                                                trust=self.trust, on_rollback=self._on_rollback,
-                                               channel_factory=channels)
+                                               channel_factory=channels, **fetch_options(c))
         # the policy's own episodes. An episode an operator watched (``robot.supervised``, a
         # simulated operator) or drove (any operator tick) is supervised: its outcome is not the
         # policy's alone, and leaving out only the taken-over ones would drop the failures an
@@ -430,6 +442,18 @@ class RobotNode:
         self.write_status()
 
 
+def fetch_options(c: NodeConfig, spec=None) -> dict:
+    """WeightSubscriber's fetch arguments for this config: the child process's channel (``spec``,
+    a ChannelSpec; default: the config's learner address and TLS files) and priority."""
+    if c.fetch == "thread":
+        return {}
+    from runtime.fetch_process import IDLE, ChannelSpec
+    spec = spec or ChannelSpec(c.learner, c.tls_cert or "", c.tls_key or "", c.tls_ca or "",
+                               c.tls_server_name or "")
+    prio = IDLE if c.fetch_priority == "idle" else int(c.fetch_priority)
+    return {"fetch_process": spec, "fetch_priority": prio}
+
+
 def parse_args(argv: list[str] | None) -> NodeConfig:
     p = argparse.ArgumentParser(prog="tether robot", description="Run one robot's inference node.")
     p.add_argument("--robot-id", required=True)
@@ -473,6 +497,12 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                    "it differs from the host in --learner")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext to the learner, no authentication (local development only)")
+    p.add_argument("--fetch", choices=("process", "thread"), default=NodeConfig.fetch,
+                   help="fetch new versions in a child process of their own (default) or in a "
+                        "thread of this one")
+    p.add_argument("--fetch-priority", default=NodeConfig.fetch_priority,
+                   help="the fetch process's CPU priority: idle (SCHED_IDLE: only cores nothing "
+                        "else wants; default) or a nice increment 1..19")
     p.add_argument("--supervision", type=float, default=0.0,
                    help="simulated robots: fraction of episodes a simulated operator watches, "
                         "taking over when the robot stalls (recorded as human interventions)")
@@ -494,7 +524,8 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                       trusted_keys=tuple(a.trusted_key), allow_unsigned=a.allow_unsigned,
                       status_interval_s=a.status_interval, tls_cert=a.tls_cert,
                       tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,
-                      insecure=a.insecure, supervision=a.supervision)
+                      insecure=a.insecure, supervision=a.supervision, fetch=a.fetch,
+                      fetch_priority=a.fetch_priority)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ import grpc
 
 from runtime.artifact import Manifest
 from runtime.fetch import Abandoned, ArtifactFetcher, Refused, code_of, details_of, fetch_rpc
+from runtime.fetch_process import IDLE, ChannelSpec, FetchProcess
 from runtime.signature import Trust
 from runtime.stream import Backoff, insecure_channel
 from tether.wire import tether_pb2 as pb, tether_pb2_grpc as pb_grpc
@@ -76,7 +77,8 @@ class WeightSubscriber:
                  channel_factory: Callable[[str], grpc.Channel] = insecure_channel,
                  trust: Trust = Trust(),
                  on_rollback: Callable[[int, dict[str, str]], bool] | None = None,
-                 nice: int = BACKGROUND_NICE):
+                 nice: int = BACKGROUND_NICE, fetch_process: ChannelSpec | None = None,
+                 fetch_priority: int | str = IDLE):
         if keep < 1:
             raise ValueError(f"WeightSubscriber keep must be >= 1, got {keep}")
         self.addr = addr
@@ -113,9 +115,15 @@ class WeightSubscriber:
         self.reconnects = 0
         self.last_event = ""
         self.events: collections.deque[str] = collections.deque(maxlen=64)
-        self.fetcher = ArtifactFetcher(self.staging_dir, trust, rpc_timeout_s=rpc_timeout_s,
-                                       backoff_cap_s=backoff_cap_s, stop=self._stop,
-                                       superseded=self._superseded, event=self._event)
+        if fetch_process is not None:  # in a child process: runtime/fetch_process.py
+            self.fetcher = FetchProcess(fetch_process, self.staging_dir, trust,
+                                        rpc_timeout_s=rpc_timeout_s, backoff_cap_s=backoff_cap_s,
+                                        superseded=self._superseded, event=self._event,
+                                        priority=fetch_priority)
+        else:
+            self.fetcher = ArtifactFetcher(self.staging_dir, trust, rpc_timeout_s=rpc_timeout_s,
+                                           backoff_cap_s=backoff_cap_s, stop=self._stop,
+                                           superseded=self._superseded, event=self._event)
 
     @property
     def resumed_bytes(self) -> int:
@@ -128,6 +136,8 @@ class WeightSubscriber:
             raise RuntimeError("WeightSubscriber already started")
         self._channel = self._channel_factory(self.addr)
         stub = pb_grpc.LearnerStub(self._channel)
+        if isinstance(self.fetcher, FetchProcess):
+            self.fetcher.start()  # now, not at the first announcement: it takes a moment
         for name, target in (("listen", self._listen), ("fetch", self._fetch_loop)):
             t = threading.Thread(target=target, args=(stub,), name=f"tether-weights-{name}",
                                  daemon=True)
@@ -141,6 +151,8 @@ class WeightSubscriber:
             self._cond.notify_all()
         if self._channel is not None:
             self._channel.close()  # cancels the Subscribe stream and any fetch in flight
+        if isinstance(self.fetcher, FetchProcess):
+            self.fetcher.close(timeout)
         for t in self._threads:
             t.join(timeout)
 
@@ -284,7 +296,9 @@ class WeightSubscriber:
                     "rolled_back": sorted(self._rolled_back), "reconnects": self.reconnects,
                     "announced_at": self.announced_at.get(v),
                     "installed_at": self.installed_at.get(v), "timings": self.timings.get(v),
-                    "trust": self.trust.describe(), "last_event": self.last_event}
+                    "trust": self.trust.describe(), "last_event": self.last_event,
+                    "fetch_in": (self.fetcher.describe() if isinstance(self.fetcher, FetchProcess)
+                                 else "thread")}
 
     def _prune(self) -> None:
         staged, partial = [], []

@@ -95,9 +95,11 @@ def _diff(a: dict, b: dict) -> dict:
 def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                 rounds: int = 3, tasks=TASKS, timeout_s: float = 60.0,
                 start_timeout_s: float = 240.0, rt_priority: int | None = None,
-                log=print) -> dict:
+                fetch: str = "idle", log=print) -> dict:
     """Start the learner and the robots, publish ``rounds`` versions one after the other, and
-    report the median round (``seconds_to_all``) and the worst (``missed_ticks``)."""
+    report the median round (``seconds_to_all``) and the worst (``missed_ticks``). ``fetch``:
+    where the robots fetch (``tether robot --fetch``): ``thread``, or a child process at
+    ``idle`` (SCHED_IDLE) or a nice increment (``10``)."""
     from learner.canary import CanaryConfig, RolloutController
     from learner.registry import Registry
     from learner.service import serve
@@ -137,6 +139,8 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                     "--insecure"]  # plaintext on loopback: this measures the weights path
             if rt_priority:  # the robots' control loops under SCHED_FIFO (runtime/priority.py)
                 args += ["--rt-priority", str(rt_priority)]
+            args += (["--fetch", "thread"] if fetch == "thread"
+                     else ["--fetch", "process", "--fetch-priority", fetch])
             with open(home / "robot.log", "w") as out:
                 procs[rid] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                               env=_child_env())
@@ -156,7 +160,7 @@ def run_rollout(robots: int = 8, artifact_mb: float = 20.0, work_dir=None, *,
                 "missed_ticks": max(r["missed_ticks"] for r in results),
                 "announce_to_serve_p50_s": median["announce_to_serve_p50_s"],
                 "per_robot_s": median["per_robot_s"], "rounds": results,
-                "cpus": os.cpu_count(), "rt_priority": rt_priority,
+                "cpus": os.cpu_count(), "rt_priority": rt_priority, "fetch": fetch,
                 "load_average": [round(x, 2) for x in os.getloadavg()],
                 "work_dir": str(work) if work_dir else None}
     finally:
@@ -300,11 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="versions published one after another")
     p.add_argument("--rt-priority", type=int, default=None,
                    help="run the robots' control loops under SCHED_FIFO at this priority")
+    p.add_argument("--fetch", default="idle",
+                   help="where the robots fetch: thread, or a process at idle (SCHED_IDLE) or "
+                        "at a nice increment 1..19")
     p.add_argument("--work-dir", default=None, help="default: a new temporary directory")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     result = run_rollout(a.robots, a.artifact_mb, a.work_dir, rounds=a.rounds,
-                         rt_priority=a.rt_priority, log=lambda m: print(m, file=sys.stderr))
+                         rt_priority=a.rt_priority, fetch=a.fetch, log=lambda m: print(m, file=sys.stderr))
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -22,7 +22,8 @@ import numpy as np
 from robots.description import load_description
 from robots.ros_robot import RosRobot
 from runtime.clock import WallClock
-from runtime.node import NodeConfig, RobotNode
+from runtime.fetch_process import ChannelSpec
+from runtime.node import NodeConfig, RobotNode, fetch_options
 from runtime.priority import realtime, worker_rt_priority
 from runtime.ros.params import RosParams
 from runtime.ros.sensors import SensorCache, TeleopInput, to_stamp
@@ -53,20 +54,6 @@ class Transport(Protocol):
 
 class LifecycleError(RuntimeError):
     pass
-
-
-def tls_channel_factory(ca: str, cert: str = "", key: str = ""):
-    """A gRPC channel factory for the learner with TLS (mutual when cert and key are given)."""
-    import grpc
-
-    from runtime.stream import CHANNEL_OPTIONS
-
-    def read(path):
-        with open(path, "rb") as f:
-            return f.read()
-    creds = grpc.ssl_channel_credentials(read(ca), read(key) if key else None,
-                                         read(cert) if cert else None)
-    return lambda addr: grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
 
 
 class RosNodeCore:
@@ -114,8 +101,8 @@ class RosNodeCore:
                                 trusted_keys=p.trusted_key_files, allow_unsigned=p.allow_unsigned)
             self.node = node = RobotNode(config, robot=self.robot, clock=WallClock())
             if secure:
-                self._attach_learner(tls_channel_factory(p.learner_ca, p.learner_cert,
-                                                         p.learner_key))
+                self._attach_learner(ChannelSpec(p.learner, p.learner_cert, p.learner_key,
+                                                 p.learner_ca))
             m = node.policy.manifest
             if int(m.inputs["state_dim"]) != desc.state_dim:
                 raise ValueError(f"{p.artifact}: policy state_dim {m.inputs['state_dim']} != "
@@ -136,15 +123,18 @@ class RosNodeCore:
             log.info("%s: configured: policy v%d, %d Hz, cameras %s", self.name,
                      node.policy.version, round(1 / node.loop.period), sorted(cams))
 
-    def _attach_learner(self, factory) -> None:
+    def _attach_learner(self, spec: ChannelSpec) -> None:
+        """The learner over TLS (mutual when the robot has a certificate)."""
         from runtime.stream import ExperienceClient
         from runtime.weights import WeightSubscriber
         n, p = self.node, self.params
+        factory = spec.channel_factory()
         n.client = ExperienceClient(p.learner, n.spool, p.robot_id, channel_factory=factory)
         n.subscriber = WeightSubscriber(p.learner, p.robot_id, n.config.staging_dir,
                                         n._on_artifact, n.policy.version,
                                         channel_factory=factory, trust=n.trust,
-                                        on_rollback=n._on_rollback)
+                                        on_rollback=n._on_rollback,
+                                        **fetch_options(n.config, spec))
 
     def _open_topics(self, cams: dict) -> None:
         p, t, cache = self.params, self.transport, self.cache

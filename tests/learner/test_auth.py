@@ -12,6 +12,7 @@ from learner.registry import Registry
 from learner.service import serve
 from learner.store import ExperienceStore
 from runtime.artifact import MANIFEST, sha256_file
+from runtime.fetch_process import ChannelSpec
 from runtime.signature import Trust
 from runtime.spool import Spool
 from runtime.stream import ExperienceClient
@@ -222,10 +223,15 @@ def test_the_learner_name_checked_can_be_overridden(tmp_path, pki, pretrained):
         lrn.close()
 
 
-def test_the_robot_side_clients_work_over_mutual_tls(learner, pki, tmp_path):
+@pytest.mark.parametrize("fetch_in", ["thread", "process"])
+def test_the_robot_side_clients_work_over_mutual_tls(learner, pki, tmp_path, fetch_in):
     """The real robot path: the spool's experience client and the weight subscriber (Subscribe
-    and the chunked FetchArtifact) with the robot's certificate."""
-    factory = client_tls(pki["r1"]).channel_factory()
+    and the chunked FetchArtifact, in a thread or in the fetch process of its own) with the
+    robot's certificate."""
+    tls = client_tls(pki["r1"])
+    factory = tls.channel_factory()
+    fetch = {} if fetch_in == "thread" else {
+        "fetch_process": ChannelSpec(learner.addr, tls.cert, tls.key, tls.ca)}
     spool = Spool(tmp_path / "spool", "r1")
     for i in range(3):
         spool.append([simple_record(robot="r1", episode="e", seq=2 * i + k) for k in range(2)])
@@ -238,8 +244,8 @@ def test_the_robot_side_clients_work_over_mutual_tls(learner, pki, tmp_path):
         installed.set()
 
     sub = WeightSubscriber(learner.addr, "r1", tmp_path / "weights", on_artifact,
-                           channel_factory=factory,
-                           trust=Trust.load([public_key_for_tests()])).start()
+                           channel_factory=factory, trust=Trust.load([public_key_for_tests()]),
+                           **fetch).start()
     try:
         assert client.drain(timeout=20), client.stats()
         assert installed.wait(20), sub.status()

@@ -1,9 +1,14 @@
-"""The weight subscriber against a learner double serving real exported artifacts on loopback."""
+"""The weight subscriber against a learner double serving real exported artifacts on loopback.
+
+Every test runs twice: fetching in a thread of the subscriber's process, and in a child process
+of its own (runtime/fetch_process.py, the robots' default), which must behave the same."""
+import sys
 import threading
 
 import pytest
 
 from runtime.artifact import MANIFEST, POLICY, POLICY_DATA, verify_artifact
+from runtime.fetch_process import ChannelSpec
 from runtime.signature import Trust
 from runtime.weights import WeightSubscriber
 from tether.wire import tether_pb2 as pb
@@ -31,6 +36,15 @@ def artifacts(tmp_path_factory):
         sign_artifact(root / f"v{v}", signing_key_for_tests())
         out[v] = root / f"v{v}"
     return out
+
+
+FETCH_IN = "thread"
+
+
+@pytest.fixture(autouse=True, params=["thread", "process"])
+def fetch_in(request, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "FETCH_IN", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -62,6 +76,8 @@ class Installed:
 
 def _subscriber(addr, tmp_path, installed, current=0, trust=None, **kw):
     trust = trust or Trust.load([public_key_for_tests()])
+    if FETCH_IN == "process":
+        kw.setdefault("fetch_process", ChannelSpec(addr))
     return WeightSubscriber(addr, "r1", tmp_path / "staging", installed, current_version=current,
                             backoff_cap_s=0.1, trust=trust, **kw).start()
 
