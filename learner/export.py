@@ -115,7 +115,7 @@ def export_artifact(model: ReferenceVLA, out_dir: str | pathlib.Path, *, version
                 "state_dim": c.state_dim,
                 "tokenizer": {"kind": "bytes", "max_len": c.max_tokens}},
         outputs={"horizon": c.horizon, "action_dim": c.action_dim, "distribution": "gaussian",
-                 "features": c.features},
+                 "row_correlation": c.row_correlation, "features": c.features},
         accepts_prefix=True,
         normalization={k: [float(x) for x in np.asarray(v).ravel()] for k, v in normalization.items()},
         control_rate_hz=float(control_rate_hz), robot=robot,

@@ -32,8 +32,13 @@ class VLAConfig:
     init_log_std: float = -1.0
     trunk_width: int = 256   # the MLP trunk; widen/deepen for the large-policy GPU benchmark
     trunk_layers: int = 2
+    # correlation of the exploration noise between a chunk's rows (runtime/distributions.py;
+    # exported as the manifest's outputs.row_correlation): 0 = independent rows
+    row_correlation: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.row_correlation < 1.0:
+            raise ValueError(f"VLAConfig: row_correlation must be in [0, 1): {self}")
         if self.horizon < 2 or self.action_dim < 1 or not self.cameras:
             raise ValueError(f"VLAConfig: need horizon >= 2, action_dim >= 1 and a camera: {self}")
         if self.trunk_width < 1 or self.trunk_layers < 1:
@@ -138,8 +143,21 @@ class ReferenceVLA(nn.Module):
         return mean, log_std, self.value_head(h.detach() if detach_value else h).squeeze(-1)
 
 
-def gaussian_log_prob(mean, log_std, actions, row_mask):
-    """Sum over executed rows (row_mask [B,H] in {0,1}) of log N(actions | mean, exp(log_std))."""
+def gaussian_log_prob(mean, log_std, actions, row_mask, rho: float = 0.0):
+    """[B] log-probabilities of the executed rows (row_mask [B,H] in {0,1}) under the chunk
+    Gaussian whose rows correlate by ``rho`` (runtime/distributions.py has the formula); with
+    rho = 0, the sum over those rows of log N(actions | mean, exp(log_std))."""
     z = (actions - mean) * torch.exp(-log_std)
-    per_row = (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    return (per_row * row_mask).sum(-1)
+    if not rho:
+        per_row = (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return (per_row * row_mask).sum(-1)
+    b = float(rho) ** 2
+    c = 1.0 - b
+    m = row_mask.unsqueeze(-1)                                   # [B, H, 1]
+    n = row_mask.sum(-1, keepdim=True)                           # [B, 1]
+    zm = z * m
+    quad = ((zm * zm).sum(1) - b * zm.sum(1) ** 2 / (c + n * b)) / c   # [B, A]
+    logdet = (n - 1) * math.log(c) + torch.log(c + n * b)              # [B, 1]
+    a_dim = z.shape[-1]
+    return ((-0.5 * quad).sum(-1) - 0.5 * a_dim * logdet.squeeze(-1)
+            - (log_std * m).sum((1, 2)) - 0.5 * a_dim * n.squeeze(-1) * math.log(2 * math.pi))

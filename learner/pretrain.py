@@ -57,6 +57,7 @@ class PretrainConfig:
     max_steps: int = 150
     eval_episodes: int = 10
     threads: int = 2
+    row_correlation: float = 0.0   # of the exploration noise between a chunk's rows (VLAConfig)
 
     def __post_init__(self):
         if not self.tasks:
@@ -229,7 +230,7 @@ def pretrain(tasks, cache_dir, seed: int = 0, log=print, **settings) -> pathlib.
     cam = desc.cameras[0]
     vla = VLAConfig(horizon=config.horizon, action_dim=desc.action_dim,
                     state_dim=desc.state_dim, cameras=(cam.name,), image_hw=(cam.height, cam.width),
-                    channels=cam.channels)
+                    channels=cam.channels, row_correlation=config.row_correlation)
     model = ReferenceVLA(vla)
     norm = normalization_from(demos)
     losses = train_bc(model, demos, norm, config, log=log)

@@ -33,7 +33,8 @@ def batch_log_probs(model: ReferenceVLA, batch: Batch, minibatch: int) -> torch.
         for s in range(0, len(batch), minibatch):
             part = batch.select(torch.arange(s, min(s + minibatch, len(batch))))
             mean, log_std, _ = model(*part.inputs())
-            out.append(gaussian_log_prob(mean, log_std, part.actions, part.row_mask))
+            out.append(gaussian_log_prob(mean, log_std, part.actions, part.row_mask,
+                                         model.config.row_correlation))
     return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
 
 

@@ -101,7 +101,8 @@ class UpdateStep:
                 part = batch.select(idx)
                 mean, log_std, v = self.model.policy_and_value(*part.inputs(),
                                                                detach_value=c.detach_value)
-                logp = gaussian_log_prob(mean, log_std, part.actions, part.row_mask)
+                logp = gaussian_log_prob(mean, log_std, part.actions, part.row_mask,
+                                         self.model.config.row_correlation)
                 pg, r, clip_frac = ppo.surrogate_loss(logp, logp_prox[idx], adv[idx], w[idx],
                                                       valid[idx], c.clip,
                                                       rows[idx] if c.row_ratio else None)

@@ -16,7 +16,9 @@ Manifest keys (format ``tether.policy/1``)::
                                      the rest of the manifest (runtime/signature.py); null if unsigned
     inputs  {cameras [{name, height, width, channels}], state_dim,
              tokenizer {kind, max_len}}
-    outputs {horizon, action_dim, distribution: "gaussian", features}
+    outputs {horizon, action_dim, distribution: "gaussian", features,
+             row_correlation}             rows' noise correlation (runtime/distributions.py;
+                                          absent = 0)
     accepts_prefix                   the graph takes ``prefix`` [B,H,A] and ``prefix_len`` [B]
     normalization {state_mean, state_std, action_mean, action_std}
     control_rate_hz, robot, created
@@ -89,6 +91,10 @@ class Manifest:
         for key in ("horizon", "action_dim"):
             if int(self.outputs.get(key, 0)) <= 0:
                 raise ArtifactError(f"manifest outputs.{key} must be > 0, got {self.outputs.get(key)}")
+        rho = self.outputs.get("row_correlation", 0.0)
+        if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0 <= rho < 1:
+            raise ArtifactError(f"manifest outputs.row_correlation must be a number in [0, 1), "
+                                f"got {rho!r}")
         if int(self.inputs.get("state_dim", -1)) < 0:
             raise ArtifactError("manifest inputs.state_dim missing")
         if self.signature is not None and not (
@@ -104,6 +110,10 @@ class Manifest:
     @property
     def action_dim(self) -> int:
         return int(self.outputs["action_dim"])
+
+    @property
+    def row_correlation(self) -> float:
+        return float(self.outputs.get("row_correlation", 0.0))
 
     @property
     def cameras(self) -> list[dict]:

@@ -336,7 +336,7 @@ class InferenceWorker:
                      log_std=np.asarray(out.log_std, np.float32), prefix=prefix, prefix_len=n,
                      features=out.features,
                      latency_s=float(getattr(out, "latency_s", 0.0)) + verdict.seconds,
-                     verdict=verdict)
+                     verdict=verdict, row_correlation=getattr(p, "row_correlation", 0.0))
 
     def _done(self, epoch: int) -> None:
         """A request of ``epoch`` ended (holding ``_cond``); one of a newer epoch may be in flight."""

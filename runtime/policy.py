@@ -49,6 +49,7 @@ class PolicyRunner:
         self.artifact_dir = pathlib.Path(artifact_dir)
         self.manifest = verified if verified is not None else verify_artifact(self.artifact_dir)
         m = self.manifest
+        self.row_correlation = m.row_correlation  # of the sampled rows' noise (distributions.py)
         # recorded with every chunk: computed once (the manifest never changes)
         self._weight_sha256 = policy_digest({n: str(i["sha256"]) for n, i in m.files.items()})
         self.backend_name = backend
@@ -158,7 +159,8 @@ class PolicyRunner:
         mean = np.asarray(out["mean"], np.float32)[0]
         log_std = np.asarray(out["log_std"], np.float32)[0]
         features = np.asarray(out["features"], np.float32)[0]
-        actions = distributions.sample(mean, log_std, self._rng, self.temperature)
+        actions = distributions.sample(mean, log_std, self._rng, self.temperature,
+                                       self.row_correlation)
         t3 = time.perf_counter()
         for stage, dt in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             self.latency[stage].add(dt)
@@ -167,7 +169,8 @@ class PolicyRunner:
     def candidates(self, out: PolicyOutput, k: int) -> np.ndarray:
         """``k`` fresh chunks [k, H, A] from the Gaussian of one inference (no second forward
         pass): the verifier's candidates."""
-        return np.stack([distributions.sample(out.mean, out.log_std, self._rng, self.temperature)
+        return np.stack([distributions.sample(out.mean, out.log_std, self._rng, self.temperature,
+                                              self.row_correlation)
                          for _ in range(int(k))])
 
     def synthetic_observation(self) -> Observation:

@@ -222,7 +222,8 @@ class Recorder:
             actions=tensors.to_proto(actions), offsets=[int(o) for o in offsets],
             # an operator's rows have no behaviour probability under the policy
             behaviour_log_prob=(0.0 if span.operator
-                                else gaussian_log_prob(c.mean, c.log_std, actions, offsets)),
+                                else gaussian_log_prob(c.mean, c.log_std, actions, offsets,
+                                                       c.row_correlation)),
             human_intervention=span.operator,
             reward=span.reward, terminated=bool(last.terminated), truncated=bool(last.truncated),
             success=bool(last.success),

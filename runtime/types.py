@@ -34,6 +34,7 @@ class Chunk:
     features: np.ndarray | None = None
     latency_s: float = 0.0
     verdict: VerifierVerdict = VerifierVerdict()
+    row_correlation: float = 0.0   # of its rows' noise (runtime/distributions.py)
 
     @property
     def horizon(self) -> int:

@@ -55,17 +55,42 @@ def test_manifest_round_trips_model_config(exported):
     assert manifest.accepts_prefix and manifest.horizon == 8 and manifest.version == 3
 
 
-def test_torch_and_numpy_log_probs_agree():
+def test_row_correlation_travels_in_the_manifest_to_the_robots_sampling(tmp_path):
+    """The learner's VLAConfig.row_correlation is the manifest's, the policy runner's and every
+    chunk's the robot records (its behaviour log-prob is the correlated one)."""
+    from runtime.policy import PolicyRunner
+    model = ReferenceVLA(VLAConfig(row_correlation=0.6)).eval()
+    manifest = export_artifact(model, tmp_path / "a", version=1, parent_version=0,
+                               normalization={"state_mean": np.zeros(4), "state_std": np.ones(4)},
+                               robot="sawyer_metaworld", control_rate_hz=25.0)
+    assert manifest.row_correlation == 0.6
+    assert config_from_manifest(manifest).row_correlation == 0.6
+    runner = PolicyRunner(tmp_path / "a", seed=0)
+    assert runner.row_correlation == 0.6
+    obs = runner.synthetic_observation()
+    out = runner.infer(obs)
+    noise = [runner.infer(obs).actions - out.mean for _ in range(400)]
+    z = np.stack(noise) / np.exp(out.log_std)                     # [N, H, A]
+    assert np.corrcoef(z[:, 2, 0], z[:, 5, 0])[0, 1] == pytest.approx(0.36, abs=0.1)
+    with pytest.raises(ValueError, match="row_correlation"):
+        VLAConfig(row_correlation=1.0)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.7])
+def test_torch_and_numpy_log_probs_agree(rho):
     rng = np.random.default_rng(2)
-    mean = rng.normal(size=(8, 4)).astype(np.float32)
-    log_std = rng.uniform(-2, 0, size=(8, 4)).astype(np.float32)
-    acts = rng.normal(size=(8, 4)).astype(np.float32)
-    rows = np.array([3, 4, 5])
-    mask = torch.zeros(1, 8)
-    mask[0, rows] = 1
-    t = gaussian_log_prob(torch.from_numpy(mean)[None], torch.from_numpy(log_std)[None],
-                          torch.from_numpy(acts)[None], mask)
-    assert float(t) == pytest.approx(np_log_prob(mean, log_std, acts[rows], rows), rel=1e-5)
+    mean = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    log_std = rng.uniform(-2, 0, size=(3, 8, 4)).astype(np.float32)
+    acts = rng.normal(size=(3, 8, 4)).astype(np.float32)
+    rows = [np.array([3, 4, 5]), np.array([0]), np.array([], np.int64)]  # a batch of spans
+    mask = torch.zeros(3, 8)
+    for b, r in enumerate(rows):
+        mask[b, r] = 1
+    t = gaussian_log_prob(torch.from_numpy(mean), torch.from_numpy(log_std),
+                          torch.from_numpy(acts), mask, rho)
+    for b, r in enumerate(rows):
+        ref = np_log_prob(mean[b], log_std[b], acts[b][r], r, rho)
+        assert float(t[b]) == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
 def test_the_keypoint_temperature_is_learned_and_old_checkpoints_load_at_temperature_one():

@@ -1,4 +1,5 @@
 """The small shared contracts: clock, tokenizer, wire tensors, artifact manifest."""
+import dataclasses
 import json
 import threading
 
@@ -72,6 +73,50 @@ def test_log_prob_matches_closed_form():
     ref = np.sum(-0.5 * ((acts[2:5] - mean[2:5]) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi))
     assert lp == pytest.approx(ref, rel=1e-5)
     assert (sample(mean, log_std, rng, temperature=0.0) == mean).all()
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_correlated_rows_log_prob_is_the_joint_gaussians(rho):
+    """Against the multivariate normal written out: covariance std_i std_j (rho^2 + (1 - rho^2)
+    [i == j]) per action dimension, over the executed rows only (a marginal)."""
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(8, 3)).astype(np.float32)
+    log_std = rng.uniform(-2, 0, size=(8, 3)).astype(np.float32)
+    rows = np.array([2, 3, 5, 6])
+    acts = sample(mean, log_std, rng, rho=rho)[rows]
+    ref = 0.0
+    for j in range(3):
+        std = np.exp(log_std[rows, j].astype(np.float64))
+        cov = np.outer(std, std) * (rho ** 2 + (1 - rho ** 2) * np.eye(len(rows)))
+        r = acts[:, j] - mean[rows, j]
+        ref += -0.5 * (r @ np.linalg.solve(cov, r) + np.linalg.slogdet(cov)[1]
+                       + len(rows) * np.log(2 * np.pi))
+    assert gaussian_log_prob(mean, log_std, acts, rows, rho) == pytest.approx(ref, rel=1e-6)
+    assert gaussian_log_prob(mean, log_std, acts[:0], rows[:0], rho) == 0.0
+
+
+def test_correlated_sampling_keeps_each_rows_spread_and_correlates_rows_by_rho_squared():
+    rng = np.random.default_rng(3)
+    mean = np.zeros((8, 2), np.float32)
+    log_std = np.log(np.full((8, 2), 0.5, np.float32))
+    draws = np.stack([sample(mean, log_std, rng, rho=0.8) for _ in range(4000)])  # [N, 8, 2]
+    assert draws.std(0).mean() == pytest.approx(0.5, rel=0.05)
+    corr = np.corrcoef(draws[:, 1, 0], draws[:, 6, 0])[0, 1]
+    assert corr == pytest.approx(0.64, abs=0.05)
+    assert abs(np.corrcoef(draws[:, 1, 0], draws[:, 6, 1])[0, 1]) < 0.06  # dims independent
+    iid = np.stack([sample(mean, log_std, rng) for _ in range(4000)])
+    assert abs(np.corrcoef(iid[:, 1, 0], iid[:, 6, 0])[0, 1]) < 0.06
+    with pytest.raises(ValueError, match="rho"):
+        sample(mean, log_std, rng, rho=1.0)
+
+
+def test_a_manifest_refuses_a_row_correlation_out_of_range(tmp_path):
+    m = _write_artifact(tmp_path)
+    assert m.row_correlation == 0.0
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(artifact.ArtifactError, match="row_correlation"):
+            dataclasses.replace(m, outputs={**m.outputs, "row_correlation": bad})
+    assert dataclasses.replace(m, outputs={**m.outputs, "row_correlation": 0.9}).row_correlation == 0.9
 
 
 def _write_artifact(tmp_path):

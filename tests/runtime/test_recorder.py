@@ -65,6 +65,19 @@ def test_spans_become_records_with_exact_log_prob(tmp_path):
     closed_form = np.sum(-0.5 * z ** 2 + 0.5 - 0.5 * np.log(2 * np.pi))
     assert r1.behaviour_log_prob == pytest.approx(closed_form, rel=1e-5)
     assert (r1.reward, r2.reward) == (3.0, 6.0)
+    # a policy with correlated rows: its chunks say so and the log-prob is the joint one
+    import dataclasses
+    c3 = dataclasses.replace(_chunk(3, 5, rng), row_correlation=0.8)
+    rec.start_episode()
+    rec.on_tick(_tick(5, c3, 0, rng))
+    rec.on_tick(_tick(6, c3, 1, rng, terminated=True))
+    rec.end_episode()
+    r3 = _all_records(spool)[-1]
+    acts3 = tensors.from_proto(r3.actions)
+    assert r3.behaviour_log_prob == pytest.approx(
+        gaussian_log_prob(c3.mean, c3.log_std, acts3, np.array([0, 1]), 0.8), rel=1e-12)
+    assert r3.behaviour_log_prob != pytest.approx(
+        gaussian_log_prob(c3.mean, c3.log_std, acts3, np.array([0, 1])), rel=1e-3)
     assert not r1.terminated and r2.terminated and r2.success
     assert (r1.start_tick, r2.start_tick) == (0, 3)
     assert r1.verifier.actions_clamped == 1 and r2.verifier.actions_clamped == 0
