@@ -7,6 +7,7 @@ manifest's normalization statistics.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import time
@@ -59,7 +60,11 @@ class PolicyRunner:
         self.derived = derived is not None  # reported in info(): refit rather than build
         self.backend = derived or load_backend(backend, self.artifact_dir, m,
                                                **(backend_options or {}))
+        # ``temperature`` scales the sampling spread: the outputs' log_std are the policy's plus
+        # log(temperature), what the actions are drawn from. 0 gives the mean actions; their
+        # chunks keep the policy's own log_std (a deterministic robot has no behaviour density)
         self.temperature = float(temperature)
+        self._scale = 1.0 if self.temperature > 0 else 0.0
         self._rng = np.random.default_rng(seed)
         norm = m.normalization
         self._state_mean = np.asarray(norm.get("state_mean", np.zeros(m.inputs["state_dim"])),
@@ -159,7 +164,11 @@ class PolicyRunner:
         mean = np.asarray(out["mean"], np.float32)[0]
         log_std = np.asarray(out["log_std"], np.float32)[0]
         features = np.asarray(out["features"], np.float32)[0]
-        actions = distributions.sample(mean, log_std, self._rng, self.temperature,
+        if self.temperature > 0 and self.temperature != 1.0:
+            # the spread the actions are drawn with: the behaviour log-prob the recorder computes
+            # and the verifier's spread check take it from here, so they match the sampling
+            log_std = log_std + np.float32(math.log(self.temperature))
+        actions = distributions.sample(mean, log_std, self._rng, self._scale,
                                        self.row_correlation)
         t3 = time.perf_counter()
         for stage, dt in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
@@ -169,7 +178,7 @@ class PolicyRunner:
     def candidates(self, out: PolicyOutput, k: int) -> np.ndarray:
         """``k`` fresh chunks [k, H, A] from the Gaussian of one inference (no second forward
         pass): the verifier's candidates."""
-        return np.stack([distributions.sample(out.mean, out.log_std, self._rng, self.temperature,
+        return np.stack([distributions.sample(out.mean, out.log_std, self._rng, self._scale,
                                               self.row_correlation)
                          for _ in range(int(k))])
 

@@ -78,6 +78,20 @@ def test_temperature_zero_gives_the_mean(artifact):
     np.testing.assert_array_equal(out.actions, out.mean)
 
 
+def test_a_temperature_reports_the_spread_it_samples_with(artifact):
+    """The chunk's log_std is what its actions were drawn from, so the behaviour log-prob the
+    recorder computes from it is the sampling distribution's (it was the untempered policy's)."""
+    plain, hot = PolicyRunner(artifact, seed=1), PolicyRunner(artifact, seed=1, temperature=2.0)
+    o = obs()
+    ref = plain.infer(o)
+    out = hot.infer(o)
+    np.testing.assert_allclose(out.log_std, ref.log_std + np.log(2.0), atol=1e-6)
+    z = np.stack([(hot.infer(o).actions - out.mean) / np.exp(out.log_std) for _ in range(300)])
+    assert z.std() == pytest.approx(1.0, rel=0.05)
+    cand = hot.candidates(out, 200)
+    assert ((cand - out.mean) / np.exp(out.log_std)).std() == pytest.approx(1.0, rel=0.05)
+
+
 def test_normalization_round_trip(runner):
     a = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
     cmd = runner.to_command(a)
