@@ -78,6 +78,9 @@ class Trainer(UpdateStep):
         self.spec = DecodeSpec.from_manifest(manifest, config_from_manifest(manifest))
         self.model = ReferenceVLA(self.spec.config)
         self.model.load_state_dict(ckpt["model"])
+        if config.explore_log_std is not None and not ckpt.get("optimizer"):
+            with torch.no_grad():
+                self.model.log_std.clamp_(min=config.explore_log_std)
         # the exploration noise (one global log_std per chunk row and action dim) has its own
         # step size: its gradient sums over every chunk, far less noisy than the network's. So
         # has the value head: it starts untrained (pretraining has no returns) and must track

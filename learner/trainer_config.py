@@ -23,6 +23,10 @@ class TrainerConfig:
     success_bonus: float = 1000.0
     lr: float = 3e-6                # Adam, for the network (see the module docstring)
     log_std_lr: float = 3e-3        # Adam, for the policy's global log_std (the noise)
+    # raise the pretrained policy's log_std to at least this when RL starts from it (a version
+    # without optimizer state): behaviour cloning fits the noise to the demonstrations' spread,
+    # which may be too little to explore with. None: as pretrained
+    explore_log_std: float | None = None
     value_lr: float = 1e-3          # Adam, for the value head (not scaled by the ESS)
     gae_lambda: float = 0.95        # advantages: lambda-returns minus values (1: Monte Carlo)
     clip: float = 0.2

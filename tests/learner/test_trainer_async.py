@@ -72,6 +72,18 @@ def test_the_value_head_learns_at_its_own_step_size_while_the_policy_barely_move
     assert errors[1e-2] < 0.5 * errors[0.0]
 
 
+def test_explore_log_std_raises_the_pretrained_noise_when_rl_starts_and_only_then(setup):
+    store, registry, _, _ = setup
+    pretrained = Trainer(store, registry, TrainerConfig()).model.log_std.detach().clone()
+    floor = float(pretrained.max()) + 0.5
+    trainer = Trainer(store, registry, TrainerConfig(explore_log_std=floor))
+    raised = trainer.model.log_std.detach().clone()
+    assert torch.equal(raised, torch.full_like(pretrained, floor))
+    trainer.publish()  # a version with optimizer state: a restart resumes it as it is
+    again = Trainer(store, registry, TrainerConfig(explore_log_std=floor + 1.0))
+    assert torch.equal(again.model.log_std.detach(), raised)
+
+
 def test_old_versions_use_their_own_snapshot_not_the_current_weights(setup):
     store, registry, manifest, session = setup
     config = TrainerConfig(staleness=4, epochs=2, minibatch=8, lr=1e-3, snapshots=1)
