@@ -79,6 +79,16 @@ class ChannelSpec:
         return lambda addr: grpc.secure_channel(addr, creds, options=options)
 
 
+def fetch_setting_error(fetch: str, priority: str) -> str | None:
+    """Why a robot's fetch settings (``fetch``: process | thread, ``priority``: idle | a nice
+    increment 1..19, as text) are invalid; None when they are valid."""
+    if fetch not in ("process", "thread"):
+        return f"fetch must be 'process' or 'thread', got {fetch!r}"
+    if priority != IDLE and not (priority.isdigit() and 1 <= int(priority) <= 19):
+        return f"fetch_priority must be 'idle' or a nice increment 1..19, got {priority!r}"
+    return None
+
+
 def _trust_json(trust: Trust) -> dict:
     return {"keys": [[kid, raw.hex()] for kid, raw in trust.keys],
             "allow_unsigned": trust.allow_unsigned}

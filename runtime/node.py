@@ -125,13 +125,9 @@ class NodeConfig:
                              f"string {self.trusted_keys!r}")
         if self.status_interval_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("NodeConfig status_interval_s must be > 0, drain_timeout_s >= 0")
-        if self.fetch not in ("process", "thread"):
-            raise ValueError(f"NodeConfig fetch must be 'process' or 'thread' (--fetch), got "
-                             f"{self.fetch!r}")
-        if self.fetch_priority != "idle" and not (self.fetch_priority.isdigit()
-                                                  and 1 <= int(self.fetch_priority) <= 19):
-            raise ValueError(f"NodeConfig fetch_priority must be 'idle' or a nice increment "
-                             f"1..19 (--fetch-priority), got {self.fetch_priority!r}")
+        from runtime.fetch_process import fetch_setting_error
+        if why := fetch_setting_error(self.fetch, self.fetch_priority):
+            raise ValueError(f"NodeConfig {why} (--fetch, --fetch-priority)")
         tls = (self.tls_cert, self.tls_key, self.tls_ca)
         if any(tls) and not all(tls):
             raise ValueError("NodeConfig needs tls_cert, tls_key and tls_ca together (--tls-cert "

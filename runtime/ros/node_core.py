@@ -98,7 +98,8 @@ class RosNodeCore:
                                 spool=p.spool or None, rate_hz=p.control_rate_hz or None,
                                 backend=p.backend, temperature=p.temperature,
                                 on_violation=p.on_violation, margin_ticks=p.margin_ticks,
-                                trusted_keys=p.trusted_key_files, allow_unsigned=p.allow_unsigned)
+                                trusted_keys=p.trusted_key_files, allow_unsigned=p.allow_unsigned,
+                                fetch=p.fetch, fetch_priority=p.fetch_priority)
             self.node = node = RobotNode(config, robot=self.robot, clock=WallClock())
             if secure:
                 self._attach_learner(ChannelSpec(p.learner, p.learner_cert, p.learner_key,

@@ -16,6 +16,8 @@ import pathlib
 
 import yaml
 
+from runtime.fetch_process import fetch_setting_error
+
 CAMERA = "{camera}"
 
 
@@ -53,6 +55,8 @@ class RosParams:
     spool: str = ""
     trusted_keys: str = ""
     allow_unsigned: bool = False
+    fetch: str = "process"
+    fetch_priority: str = "idle"
 
     def __post_init__(self):
         checks = [
@@ -74,6 +78,7 @@ class RosParams:
             (self.diagnostics_period_s > 0, "diagnostics_period_s must be > 0"),
             (self.teleop_timeout_s > 0, f"teleop_timeout_s must be > 0, got {self.teleop_timeout_s}"),
             (bool(self.robot_id), "robot_id must not be empty"),
+            (not (why := fetch_setting_error(self.fetch, self.fetch_priority)), str(why)),
             (bool(self.learner_cert) == bool(self.learner_key), "give both learner_cert and "
              "learner_key (mutual TLS) or neither"),
         ]
@@ -139,6 +144,10 @@ DESCRIPTIONS = {
     "trusted_keys": "comma-separated learner public key files (PEM); artifacts must be signed "
                     "by one of them, the one in 'artifact' included",
     "allow_unsigned": "accept unsigned artifacts (local development only; logged as a warning)",
+    "fetch": "where new versions are fetched: process (a child of its own, so the control loop "
+             "keeps its cores and GIL) | thread",
+    "fetch_priority": "the fetch process's CPU priority: idle (SCHED_IDLE: only cores nothing "
+                      "else wants) | a nice increment 1..19",
 }
 assert set(DESCRIPTIONS) == {f.name for f in dataclasses.fields(RosParams)}
 

@@ -51,6 +51,11 @@ def test_unknown_parameter_suggests_the_nearest(tmp_path):
         RosParams(command_mode="velocity")
     with pytest.raises(ValueError, match="rt_priority"):
         RosParams(rt_priority=100)
+    with pytest.raises(ValueError, match="fetch must be 'process' or 'thread'"):
+        RosParams(fetch="sideways")
+    with pytest.raises(ValueError, match="fetch_priority must be 'idle' or a nice increment"):
+        RosParams(fetch_priority="20")
+    assert RosParams.from_mapping({"fetch_priority": 10}).fetch_priority == "10"
 
 
 def test_compressed_transport_uses_the_image_transport_topic():
