@@ -178,8 +178,9 @@ class FetchProcess:
 
     def describe(self) -> str:
         """For the robot's status: where fetches run."""
-        return (f"process {self.pid} at priority {self._config['priority']} "
-                f"(started {self.starts} times)")
+        pid = self.pid
+        return (f"{f'process {pid}' if pid else 'a process (stopped)'} at priority "
+                f"{self._config['priority']} (started {self.starts} times)")
 
     def fetch(self, rpc, ann: pb.VersionAnnouncement) -> tuple[pathlib.Path, Manifest]:
         """``rpc`` is unused (the child has its own channel): the signature matches

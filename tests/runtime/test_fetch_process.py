@@ -58,6 +58,7 @@ def test_every_thread_of_the_fetch_process_is_idle_and_it_ends_with_the_subscrib
     finally:
         sub.stop()
     assert not pathlib.Path(f"/proc/{pid}").exists()
+    assert sub.status()["fetch_in"] == "a process (stopped) at priority idle (started 1 times)"
 
 
 @linux
