@@ -13,6 +13,7 @@ import argparse
 import collections
 import dataclasses
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -441,7 +442,7 @@ class RobotNode:
 def fetch_options(c: NodeConfig, spec=None) -> dict:
     """WeightSubscriber's fetch arguments for this config: the child process's channel (``spec``,
     a ChannelSpec; default: the config's learner address and TLS files) and priority."""
-    if c.fetch == "thread":
+    if c.fetch == "thread" or os.name != "posix":  # the parent waits on the child's pipe (select)
         return {}
     from runtime.fetch_process import IDLE, ChannelSpec
     spec = spec or ChannelSpec(c.learner, c.tls_cert or "", c.tls_key or "", c.tls_ca or "",
