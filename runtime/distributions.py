@@ -58,5 +58,6 @@ def sample(mean: np.ndarray, log_std: np.ndarray, rng: np.random.Generator,
     noise = rng.standard_normal(mean.shape)
     if rho:
         rho = check_rho(rho)
-        noise = math.sqrt(1.0 - rho * rho) * noise + rho * rng.standard_normal((1,) + mean.shape[1:])
+        shared = rng.standard_normal((1,) + mean.shape[1:])  # one draw per action dimension
+        noise = math.sqrt(1.0 - rho * rho) * noise + rho * shared
     return (mean + temperature * np.exp(log_std) * noise.astype(np.float32)).astype(np.float32)

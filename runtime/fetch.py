@@ -123,6 +123,18 @@ class ArtifactFetcher:
         self._event = event
         self.resumed_bytes = 0   # bytes not fetched again thanks to resuming
 
+    # the fetcher's life, as runtime/fetch_process.py's FetchProcess has one: nothing to start
+    # or stop here, the subscriber's thread does the work
+    def start(self) -> None:
+        pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        pass
+
+    def describe(self) -> str:
+        """For the robot's status: where fetches run."""
+        return "thread"
+
     def check_announcement(self, ann: pb.VersionAnnouncement) -> None:
         names = [f.name for f in ann.files]
         if not names or names[0] != MANIFEST:

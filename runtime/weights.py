@@ -136,8 +136,7 @@ class WeightSubscriber:
             raise RuntimeError("WeightSubscriber already started")
         self._channel = self._channel_factory(self.addr)
         stub = pb_grpc.LearnerStub(self._channel)
-        if isinstance(self.fetcher, FetchProcess):
-            self.fetcher.start()  # now, not at the first announcement: it takes a moment
+        self.fetcher.start()  # a fetch process starts now, not at the first announcement
         for name, target in (("listen", self._listen), ("fetch", self._fetch_loop)):
             t = threading.Thread(target=target, args=(stub,), name=f"tether-weights-{name}",
                                  daemon=True)
@@ -151,8 +150,7 @@ class WeightSubscriber:
             self._cond.notify_all()
         if self._channel is not None:
             self._channel.close()  # cancels the Subscribe stream and any fetch in flight
-        if isinstance(self.fetcher, FetchProcess):
-            self.fetcher.close(timeout)
+        self.fetcher.close(timeout)
         for t in self._threads:
             t.join(timeout)
 
@@ -297,8 +295,7 @@ class WeightSubscriber:
                     "announced_at": self.announced_at.get(v),
                     "installed_at": self.installed_at.get(v), "timings": self.timings.get(v),
                     "trust": self.trust.describe(), "last_event": self.last_event,
-                    "fetch_in": (self.fetcher.describe() if isinstance(self.fetcher, FetchProcess)
-                                 else "thread")}
+                    "fetch_in": self.fetcher.describe()}
 
     def _prune(self) -> None:
         staged, partial = [], []

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     result = run_rollout(a.robots, a.artifact_mb, a.work_dir, rounds=a.rounds,
-                         rt_priority=a.rt_priority, fetch=a.fetch, log=lambda m: print(m, file=sys.stderr))
+                         rt_priority=a.rt_priority, fetch=a.fetch,
+                         log=lambda m: print(m, file=sys.stderr))
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

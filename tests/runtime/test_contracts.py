@@ -116,7 +116,8 @@ def test_a_manifest_refuses_a_row_correlation_out_of_range(tmp_path):
     for bad in (1.0, -0.1, "0.5", True):
         with pytest.raises(artifact.ArtifactError, match="row_correlation"):
             dataclasses.replace(m, outputs={**m.outputs, "row_correlation": bad})
-    assert dataclasses.replace(m, outputs={**m.outputs, "row_correlation": 0.9}).row_correlation == 0.9
+    good = dataclasses.replace(m, outputs={**m.outputs, "row_correlation": 0.9})
+    assert good.row_correlation == 0.9
 
 
 def _write_artifact(tmp_path):

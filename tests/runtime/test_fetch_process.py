@@ -15,19 +15,10 @@ from runtime.tls import TlsError
 from runtime.weights import WeightSubscriber
 
 from tests.doubles import public_key_for_tests
-from tests.runtime.learner_double import LearnerDouble, serve
-from tests.runtime.test_weights import Installed, artifacts  # noqa: F401  (a fixture)
+from tests.runtime.test_weights import Installed, artifacts, learner  # noqa: F401  (fixtures)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
                            reason="scheduling policies and /proc are Linux's")
-
-
-@pytest.fixture
-def learner():
-    double = LearnerDouble(chunk_bytes=64 * 1024)
-    server, port = serve(double)
-    yield double, f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 def _subscriber(addr, tmp_path, installed, priority=IDLE):
