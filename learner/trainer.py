@@ -326,8 +326,10 @@ class Trainer(UpdateStep):
             episodes, _ = usable_episodes([r for ep in self._replay for r in ep.records],
                                           self.spec, self.version, self.config.staleness)
             try:
-                trained = train_fleet_scorer(self.model, self.spec, episodes, self.config.gamma,
-                                             c, previous=self._scorer)
+                trained = train_fleet_scorer(
+                    self.model, self.spec, episodes, self.config.gamma, c, previous=self._scorer,
+                    value_scale=(self._ret_mean, self._ret_std),
+                    success_bonus=self.config.success_bonus)
             except ValueError as e:  # a scorer is optional: publish the policy regardless
                 log.warning("verifier scorer not retrained for this version: %s", e)
                 trained = None

@@ -8,7 +8,9 @@ will hand the scorer on the robot):
   intervened when its record says ``verifier.actions_clamped > 0`` (the recorder counts
   interventions beyond plain saturation there); failure = the episode *terminated* without
   ``success`` (a time limit is not a failure);
-- advantage: discounted chunk-level returns minus the value head's estimate, normalized;
+- advantage: the chunk's lambda-return (``advantage_lambda``; 1 = the discounted return, 0 =
+  the one-step target r + gamma V', which depends most on the chunk itself) minus the value
+  head's estimate in return units, with the trainer's success bonus and bootstrap, normalized;
 - candidate chunk: as the robot's candidates look: the committed prefix, the executed rows at
   their offsets, and fresh draws from the policy's Gaussian elsewhere (filling those rows with
   the mean made every real candidate look unlike anything the scorer was trained on).
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 
 from learner.batches import decode
+from learner.ppo import lambda_returns
 from learner.verifier_train import (ScorerData, ScorerTrainConfig, TrainedScorer, chunk_labels,
-                                    discounted_returns, train_scorer)
+                                    train_scorer)
 
 log = logging.getLogger("tether.learner.verifier")
 
@@ -36,17 +39,22 @@ class FleetScorerConfig:
     every: int = 1                 # train a scorer at every n-th publish (0: never)
     min_chunks: int = 64           # fewer usable chunks: ship the previous scorer (or none)
     min_episodes: int = 4          # episode-wise calibration split needs a few episodes
+    advantage_lambda: float = 1.0  # the advantage target's lambda (module docstring)
     train: ScorerTrainConfig = ScorerTrainConfig(epochs=8)
 
     def __post_init__(self):
-        if self.every < 0 or self.min_chunks < 8 or self.min_episodes < 2:
+        if (self.every < 0 or self.min_chunks < 8 or self.min_episodes < 2
+                or not 0 <= self.advantage_lambda <= 1):
             raise ValueError(f"FleetScorerConfig: every >= 0, min_chunks >= 8, "
-                             f"min_episodes >= 2: {self}")
+                             f"min_episodes >= 2, advantage_lambda in [0, 1]: {self}")
 
 
 def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
-                minibatch: int = 64, seed: int = 0) -> ScorerData | None:
-    """``episodes``: complete, usable episodes of records (sorted by seq). None if empty."""
+                minibatch: int = 64, seed: int = 0, *, value_scale: tuple[float, float] = (0.0, 1.0),
+                success_bonus: float = 0.0, lam: float = 1.0) -> ScorerData | None:
+    """``episodes``: complete, usable episodes of records (sorted by seq). None if empty.
+    ``value_scale``: (mean, std) of the returns the value head was trained on (it regresses
+    normalized returns); ``success_bonus`` and ``lam`` as in the trainer's update."""
     flat = [r for ep in episodes for r in ep]
     if not flat:
         return None
@@ -68,7 +76,7 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
     committed = (torch.arange(h)[None] < batch.prefix_len[:, None]).unsqueeze(-1)
     rows = batch.row_mask.unsqueeze(-1) > 0
     actions = torch.where(rows, batch.actions, torch.where(committed, batch.prefix, drawn)).numpy()
-    values = torch.cat(values).double().numpy()
+    values = torch.cat(values).double().numpy() * value_scale[1] + value_scale[0]
     safe, adv, success, episode = [], [], [], []
     i = 0
     for e, ep in enumerate(episodes):
@@ -78,8 +86,10 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
         won = any(r.success for r in ep)
         failed = not won and any(r.terminated for r in ep)
         safe.append(chunk_labels(list(zip(start, n)), intervened, int(n.sum()), failed, lookahead))
-        g = discounted_returns(np.array([r.reward for r in ep]), gamma)
-        adv.append(g - values[i:i + len(ep)])
+        v = values[i:i + len(ep)]
+        rewards = [r.reward + success_bonus * r.success for r in ep]
+        g = lambda_returns(rewards, v, gamma, lam, 0.0 if ep[-1].terminated else float(v[-1]))
+        adv.append(np.asarray(g) - v)
         success.append(np.full(len(ep), won))
         episode.append(np.full(len(ep), e, np.int64))
         i += len(ep)
@@ -93,12 +103,16 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
 
 def train_fleet_scorer(model, spec, episodes: list[list], gamma: float,
                        config: FleetScorerConfig = FleetScorerConfig(),
-                       previous: TrainedScorer | None = None) -> TrainedScorer | None:
+                       previous: TrainedScorer | None = None, *,
+                       value_scale: tuple[float, float] = (0.0, 1.0),
+                       success_bonus: float = 0.0) -> TrainedScorer | None:
     """A scorer for the policy ``model`` is about to publish, or None when the data is too
     thin (fewer than ``min_episodes`` episodes or ``min_chunks`` chunks)."""
     if len(episodes) < config.min_episodes:
         return None
-    data = scorer_data(model, spec, episodes, gamma, config.train.lookahead_ticks)
+    data = scorer_data(model, spec, episodes, gamma, config.train.lookahead_ticks,
+                       value_scale=value_scale, success_bonus=success_bonus,
+                       lam=config.advantage_lambda)
     if data is None or len(data) < config.min_chunks:
         return None
     warm = None if previous is None else previous.model

@@ -303,8 +303,8 @@ def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig
             steps += 1
     model.eval()
     with torch.no_grad():
-        _, _, logit_c = model(*_tensors(calib))
-    logit_c = logit_c.numpy()
+        _, adv_c, logit_c = model(*_tensors(calib))
+    logit_c, adv_c = logit_c.numpy(), adv_c.numpy()
     scale, bias = fit_platt(logit_c, calib.safe)
     model.calib_scale.fill_(scale)
     model.calib_bias.fill_(bias)
@@ -319,11 +319,21 @@ def train_scorer(data: ScorerData, config: ScorerTrainConfig = ScorerTrainConfig
                "chunks_train": len(train), "chunks_calib": len(calib),
                "unsafe_frac": float(1 - data.safe.mean()), "steps": steps,
                "loss_focal": sums["focal"] / max(steps, 1), "loss_adv": sums["adv_mse"] / max(steps, 1),
-               "calib_ece": expected_calibration_error(p_c, calib.safe)}
+               "calib_ece": expected_calibration_error(p_c, calib.safe),
+               "calib_adv_corr": _correlation(adv_c, calib.advantage)}
     log.info("scorer: %d chunks (%.1f%% unsafe), Platt %.3f/%.3f, threshold %.3f, calib ECE "
              "%.4f, AUC %.3f%s", len(data), 100 * metrics["unsafe_frac"], scale, bias, threshold,
              metrics["calib_ece"], calib_auc, f"; advisory, no veto: {withheld}" if withheld else "")
     return TrainedScorer(model, threshold, (scale, bias), metrics, veto_withheld=withheld)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of the predicted and the target advantage on held-out chunks (0
+    where either is constant): how well the advantage head can rank candidates."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def predict(model: ChunkScorer, data: ScorerData) -> tuple[np.ndarray, np.ndarray]:

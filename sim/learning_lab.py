@@ -45,8 +45,11 @@ class _Sink:
 
 
 def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
-            max_steps: int = MAX_STEPS, temperature: float = 1.0) -> tuple[list, list]:
-    """(records, outcomes) of ``episodes`` episodes; an outcome is None for a watched episode."""
+            max_steps: int = MAX_STEPS, temperature: float = 1.0,
+            verifier: dict | None = None) -> tuple[list, list]:
+    """(records, outcomes) of ``episodes`` episodes; an outcome is None for a watched episode.
+    ``verifier``: ``SchedulerConfig`` fields; the robot then runs the scorer the version ships
+    (as ``tether robot`` does), else only the gate's invariants."""
     from runtime.chunks import ActionQueue
     from runtime.control import ControlLoop
     from runtime.inference import InferenceWorker
@@ -59,7 +62,14 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
     desc = robot.describe()
     rate = policy.manifest.control_rate_hz or desc.control_rate_hz
     queue, envelope = ActionQueue(policy.action_dim), Envelope(desc)
-    worker = InferenceWorker(policy, queue, clock, rate_hz=rate, gate=ChunkGate(envelope),
+    gate = ChunkGate(envelope)
+    if verifier is not None:
+        from verifier.scheduler import SchedulerConfig, VerifierScheduler
+        from verifier.scorer import OnnxScorer
+        policy.scorer = OnnxScorer.from_artifact(artifact, policy.manifest)
+        gate = VerifierScheduler(config=SchedulerConfig(**{"budget_ms": 1e9, "seed": seed,
+                                                           **verifier}), envelope=envelope)
+    worker = InferenceWorker(policy, queue, clock, rate_hz=rate, gate=gate,
                              threaded=False, simulated_latency_s=policy.latency["total"].quantile(0.5))
     sink = _Sink()
     recorder = Recorder(sink, "lab", task, background=False, envelope=envelope)
@@ -84,13 +94,15 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
 def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | None = None,
         supervision: float = 0.0, seed: int = 0, cache_dir: str = ".tether-cache/pretrained",
         work_dir=None, log=print, pretrain: dict | None = None,
-        temperature: float = 1.0) -> list[dict]:
+        temperature: float = 1.0, verifier: dict | None = None) -> list[dict]:
     """One JSON-able row per iteration: per-task success of the unwatched episodes, counts,
     and the update's metrics. ``temperature`` scales the robots' sampling noise (a robot's
-    ``--temperature``; 0 = the mean)."""
+    ``--temperature``; 0 = the mean). ``verifier``: the robots' ``SchedulerConfig`` fields; the
+    trainer then retrains the scorer at every publish (else never)."""
     import torch
 
     from learner.pretrain import ensure_pretrained
+    from learner.episodes import Episode, group_episodes
     from learner.registry import Registry
     from learner.signing import SigningKey
     from learner.store import ExperienceStore
@@ -107,7 +119,12 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
     registry = Registry(work / "registry", signing_key=SigningKey.generate())
     registry.import_initial(artifact, artifact.parent / "model.pt")
     store = ExperienceStore(work / "experience")  # the trainer's feed; the lab hands records over
-    settings = dict(staleness=0, verifier=FleetScorerConfig(every=0), seed=seed, **(trainer or {}))
+    verifier = dict(verifier) if verifier is not None else None
+    fleet_scorer = FleetScorerConfig(every=0)
+    if verifier is not None:  # "advantage_lambda" is the learner's (the scorer's target)
+        fleet_scorer = FleetScorerConfig(
+            every=1, advantage_lambda=float(verifier.pop("advantage_lambda", 1.0)))
+    settings = dict(staleness=0, verifier=fleet_scorer, seed=seed, **(trainer or {}))
     from learner.demos import DemoSet
     model = Trainer(store, registry, TrainerConfig(**settings),
                     demos=DemoSet.load(artifact.parent / "demos.npz"))
@@ -123,17 +140,27 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
                 recs, outcomes = rollout(registry.artifact_dir(version), robots[task],
                                          clocks[task], task, episodes,
                                          seed=seed * 7919 + it * 101 + i,
-                                         temperature=temperature)
+                                         temperature=temperature, verifier=verifier)
                 records += recs
                 own = [o for o in outcomes if o is not None]
                 row["tasks"][task] = {"episodes": len(own), "successes": int(sum(own)),
                                       "supervised": len(outcomes) - len(own)}
             m = model.train_on(records)
+            # the replay window (the scorer trains on it), as the live trainer's _update keeps it
+            model._replay.extend(Episode((g[0].robot_id, g[0].episode_id), 0, g)
+                                 for g in group_episodes(records))
             model.publish()
             row.update({k: m.get(k) for k in ("records", "human_records", "kl_update",
                                                "clip_frac", "loss_value", "loss_pg", "log_std",
                                                "ess", "loss_imitation", "imitation_fleet",
                                                "seconds")})
+            # candidates the robots' verifier drew per chunk (1: no scorer ran)
+            row["candidates"] = round(sum(r.verifier.candidates for r in records)
+                                      / max(len(records), 1), 2)
+            scorer = getattr(model, "_scorer", None)
+            if scorer is not None:
+                row["scorer"] = {k: round(float(scorer.metrics[k]), 3)
+                                 for k in ("calib_auc", "calib_adv_corr", "loss_adv")}
             row["wall_s"] = round(time.monotonic() - t0, 1)
             rows.append(row)
             log(json.dumps(row))
@@ -159,6 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="the robots' sampling temperature (0: mean actions)")
+    p.add_argument("--verifier", default=None,
+                   help="run the shipped scorer on the robots with these SchedulerConfig fields, "
+                        "as JSON (e.g. '{\"selection\": \"rank\", \"advantage_weight\": 1}'), "
+                        "and retrain it at every publish")
     p.add_argument("--out", default=None, help="write one JSON line per iteration here")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t) or DEFAULT_TASKS
@@ -171,7 +202,8 @@ def main(argv=None) -> int:
             out.flush()
 
     rows = run(a.iterations, a.episodes, tasks, json.loads(a.trainer), a.supervision, a.seed,
-               log=log, pretrain=json.loads(a.pretrain), temperature=a.temperature)
+               log=log, pretrain=json.loads(a.pretrain), temperature=a.temperature,
+               verifier=None if a.verifier is None else json.loads(a.verifier))
     for start in range(0, len(rows), 10):
         block = rows[start:start + 10]
         n = sum(t["episodes"] for r in block for t in r["tasks"].values())

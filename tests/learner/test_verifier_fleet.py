@@ -76,3 +76,33 @@ def test_each_published_version_ships_a_trained_scorer(setup):
     assert "verifier.onnx" in trainer.publish().files
     off = Trainer(store, registry, TrainerConfig(verifier=FleetScorerConfig(every=0)))
     assert "verifier.onnx" not in off.publish().files
+
+
+def test_advantage_targets_are_in_return_units_with_the_trainers_bonus(setup):
+    """The value head regresses normalized returns: the scorer's advantage target must undo
+    that scaling (else it is the raw return minus a number of another unit), add the success
+    bonus the trainer adds, bootstrap a truncated episode, and follow ``advantage_lambda``."""
+    import torch
+
+    from learner.batches import decode
+    from learner.ppo import lambda_returns
+
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(verifier=FLEET))
+    eps = fleet_episodes(session, manifest, 3)
+    batch = decode([r for ep in eps for r in ep], trainer.spec)
+    with torch.no_grad():
+        v = trainer.model.policy_and_value(*batch.inputs())[2].double().numpy()
+    for lam in (0.0, 1.0):
+        d = scorer_data(trainer.model, trainer.spec, eps, 0.9, lookahead=4,
+                        value_scale=(3.0, 20.0), success_bonus=5.0, lam=lam)
+        raw, want, i = v * 20.0 + 3.0, [], 0
+        for ep in eps:
+            vv = raw[i:i + len(ep)]
+            i += len(ep)
+            g = lambda_returns([r.reward + 5.0 * r.success for r in ep], vv, 0.9, lam,
+                               0.0 if ep[-1].terminated else vv[-1])
+            want.append(np.asarray(g) - vv)
+        want = np.concatenate(want)
+        np.testing.assert_allclose(d.advantage, (want - want.mean()) / (want.std() + 1e-8),
+                                   rtol=1e-3, atol=1e-3)

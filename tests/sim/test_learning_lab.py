@@ -15,3 +15,14 @@ def test_the_lab_trains_on_what_the_robots_recorded_and_publishes_each_iteration
                    for t in r["tasks"].values())
         assert r["records"] >= 3 and r["human_records"] == 0 and r["kl_update"] >= 0
     assert (tmp_path / "registry").is_dir()
+
+
+@pytest.mark.timeout(600)
+def test_with_a_verifier_the_learner_ships_a_scorer_that_the_robots_then_run(tmp_path):
+    rows = learning_lab.run(2, 4, tasks=("reach-v3", "push-v3"), trainer={"epochs": 1},
+                            work_dir=tmp_path, log=lambda _: None,
+                            verifier={"mode": "filter", "selection": "rank", "k": 8,
+                                      "advantage_weight": 1.0, "advantage_lambda": 0.0})
+    assert rows[0]["candidates"] == 1  # version 1 (the pretrained one) ships no scorer
+    assert rows[1]["candidates"] == 8  # version 2 ships the scorer trained on iteration 0
+    assert "scorer" in rows[0] and -1 <= rows[0]["scorer"]["calib_adv_corr"] <= 1
