@@ -144,7 +144,10 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
                 records += recs
                 own = [o for o in outcomes if o is not None]
                 row["tasks"][task] = {"episodes": len(own), "successes": int(sum(own)),
-                                      "supervised": len(outcomes) - len(own)}
+                                      "supervised": len(outcomes) - len(own),
+                                      # the dense reward per episode (all episodes, watched too)
+                                      "return": round(sum(r.reward for r in recs)
+                                                      / max(len(outcomes), 1), 1)}
             m = model.train_on(records)
             # the replay window (the scorer trains on it), as the live trainer's _update keeps it
             model._replay.extend(Episode((g[0].robot_id, g[0].episode_id), 0, g)
