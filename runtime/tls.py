@@ -57,10 +57,11 @@ class TlsConfig:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                             certificate_chain=cert)
 
-    def channel_factory(self) -> Callable[[str], grpc.Channel]:
-        """Reads the files now (a missing or unreadable file fails here, not on first use)."""
+    def channel_factory(self, extra_options: tuple = ()) -> Callable[[str], grpc.Channel]:
+        """Reads the files now (a missing or unreadable file fails here, not on first use).
+        ``extra_options``: gRPC channel arguments on top of the common ones."""
         creds = self.credentials()
-        options = list(CHANNEL_OPTIONS)
+        options = list(CHANNEL_OPTIONS) + list(extra_options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
 

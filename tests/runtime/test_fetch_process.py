@@ -5,6 +5,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 
 import pytest
 
@@ -50,6 +51,40 @@ def test_every_thread_of_the_fetch_process_is_idle_and_it_ends_with_the_subscrib
         sub.stop()
     assert not pathlib.Path(f"/proc/{pid}").exists()
     assert sub.status()["fetch_in"] == "a process (stopped) at priority idle (started 1 times)"
+
+
+def _connected(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds an established TCP connection to ``port``."""
+    inodes = set()
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in pathlib.Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[2].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:
+                return True
+    return False
+
+
+@linux
+def test_the_fetch_process_connects_before_any_version_is_announced(tmp_path, learner):  # noqa: F811
+    """A version's fetch must not be the one that waits for the connection (and TLS handshake):
+    under SCHED_IDLE on a busy computer that took ~0.5 s of the first rollout."""
+    double, addr = learner  # nothing published: there is nothing to fetch
+    port = int(addr.rsplit(":", 1)[1])
+    sub = _subscriber(addr, tmp_path, Installed())
+    try:
+        deadline = time.monotonic() + 10.0
+        while not _connected(sub.fetcher.pid, port):
+            assert time.monotonic() < deadline, "the fetch process did not connect by itself"
+            time.sleep(0.05)
+    finally:
+        sub.stop()
 
 
 @linux
