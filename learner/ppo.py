@@ -95,3 +95,13 @@ def lambda_returns(rewards: list[float], values, gamma: float, lam: float,
         acc = rewards[i] + gamma * ((1.0 - lam) * nxt + lam * acc)
         out[i] = acc
     return out
+
+
+def episode_returns(records, values, gamma: float, lam: float, success_bonus: float) -> list[float]:
+    """Per-chunk lambda-returns of one episode's records, as the trainer's value targets and the
+    scorer's advantage targets both use them: the success bonus added on the chunk that
+    succeeded; an episode that did not end in ``terminated`` bootstraps from the value estimate
+    of its last chunk (``values``: per record, in return units)."""
+    rewards = [r.reward + success_bonus * r.success for r in records]
+    bootstrap = 0.0 if records[-1].terminated else float(values[-1])
+    return lambda_returns(rewards, values, gamma, lam, bootstrap)

@@ -39,7 +39,7 @@ import torch
 
 from learner.batches import DecodeSpec, decode
 from learner.demos import DemoSet
-from learner.episodes import Episode, EpisodeFeed, usable_episodes
+from learner.episodes import Episode, EpisodeFeed, group_episodes, usable_episodes
 from learner.imitation import ImitationSet
 from learner.export import config_from_manifest
 from learner.model import ReferenceVLA
@@ -279,6 +279,13 @@ class Trainer(UpdateStep):
             else:
                 self._dropped["stale"] += len(ep.records)
         return got
+
+    def remember(self, records: list) -> None:
+        """Keep these complete episodes in the replay window (what later updates sample and
+        the verifier's scorer trains on) without the store: for callers that hand records to
+        ``train_on`` directly (sim.learning_lab, tests)."""
+        self._replay.extend(Episode((g[0].robot_id, g[0].episode_id), 0, g)
+                            for g in group_episodes(records))
 
     def _update(self) -> dict:
         """One update on the ready episodes plus a sample of recent, still fresh, replay."""

@@ -46,11 +46,9 @@ class UpdateStep:
         ``terminated`` bootstraps from the value estimate of its last chunk."""
         c, out, at = self.config, [], 0
         for ep in episodes:
-            rewards = [r.reward + c.success_bonus * r.success for r in ep]
-            values = values_raw[at:at + len(ep)]
+            out += ppo.episode_returns(ep, values_raw[at:at + len(ep)], c.gamma, c.gae_lambda,
+                                       c.success_bonus)
             at += len(ep)
-            bootstrap = 0.0 if ep[-1].terminated else float(values[-1])
-            out += ppo.lambda_returns(rewards, values, c.gamma, c.gae_lambda, bootstrap)
         return np.asarray(out, np.float64)
 
     def _values(self, batch) -> torch.Tensor:

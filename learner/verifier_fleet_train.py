@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from learner.batches import decode
-from learner.ppo import lambda_returns
+from learner.ppo import episode_returns
 from learner.verifier_train import (ScorerData, ScorerTrainConfig, TrainedScorer, chunk_labels,
                                     train_scorer)
 
@@ -87,9 +87,7 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
         failed = not won and any(r.terminated for r in ep)
         safe.append(chunk_labels(list(zip(start, n)), intervened, int(n.sum()), failed, lookahead))
         v = values[i:i + len(ep)]
-        rewards = [r.reward + success_bonus * r.success for r in ep]
-        g = lambda_returns(rewards, v, gamma, lam, 0.0 if ep[-1].terminated else float(v[-1]))
-        adv.append(np.asarray(g) - v)
+        adv.append(np.asarray(episode_returns(ep, v, gamma, lam, success_bonus)) - v)
         success.append(np.full(len(ep), won))
         episode.append(np.full(len(ep), e, np.int64))
         i += len(ep)

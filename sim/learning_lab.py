@@ -102,7 +102,6 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
     import torch
 
     from learner.pretrain import ensure_pretrained
-    from learner.episodes import Episode, group_episodes
     from learner.registry import Registry
     from learner.signing import SigningKey
     from learner.store import ExperienceStore
@@ -149,9 +148,7 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
                                       "return": round(sum(r.reward for r in recs)
                                                       / max(len(outcomes), 1), 1)}
             m = model.train_on(records)
-            # the replay window (the scorer trains on it), as the live trainer's _update keeps it
-            model._replay.extend(Episode((g[0].robot_id, g[0].episode_id), 0, g)
-                                 for g in group_episodes(records))
+            model.remember(records)  # the replay window, which the scorer trains on
             model.publish()
             row.update({k: m.get(k) for k in ("records", "human_records", "kl_update",
                                                "clip_frac", "loss_value", "loss_pg", "log_std",

@@ -1,7 +1,6 @@
 """The live learner trains the verifier's scorer at publish time and ships it in the artifact."""
 import numpy as np
 
-from learner.episodes import Episode
 from learner.trainer import Trainer, TrainerConfig
 from learner.verifier_fleet_train import FleetScorerConfig, scorer_data
 from learner.verifier_train import ScorerTrainConfig
@@ -63,7 +62,7 @@ def test_each_published_version_ships_a_trained_scorer(setup):
     assert trainer.publish().extra.get("verifier") is None  # no episodes yet: no scorer
     eps = fleet_episodes(session, manifest)
     trainer.train_on([r for ep in eps for r in ep])
-    trainer._replay.extend(Episode((ep[0].robot_id, ep[0].episode_id), 0, ep) for ep in eps)
+    trainer.remember([r for ep in eps for r in ep])
     m = trainer.publish()
     assert "verifier.onnx" in m.files and 0 <= m.extra["verifier"]["threshold"] <= 1
     m = verify_artifact(registry.artifact_dir(m.version))
