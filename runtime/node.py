@@ -24,7 +24,7 @@ import zlib
 from robots.registry import make_robot
 from runtime.artifact import POLICY, policy_digest
 from runtime.chunks import STRATEGIES, ActionQueue
-from runtime.clock import WallClock
+from runtime.clock import ScaledClock, WallClock
 from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from runtime.observation_check import ObservationCheck
@@ -88,6 +88,9 @@ class NodeConfig:
     # simulated robots only: a simulated operator watches this fraction of episodes and takes
     # over when the robot stalls (sim/supervisor.py); its ticks are recorded as interventions
     supervision: float = 0.0
+    # simulated robots only: the robot's clock runs this many times as fast as the wall
+    # (runtime.clock.ScaledClock); ``seconds``, the control rate and every latency are in its time
+    sim_speed: float = 1.0
     # where a new version is fetched (runtime/fetch_process.py): "process", a child of its own
     # at ``fetch_priority`` ("idle": SCHED_IDLE, or a nice increment 1..19), so the control loop
     # keeps its cores and its GIL during a fetch; "thread": a nice thread of this process
@@ -113,6 +116,11 @@ class NodeConfig:
         if self.supervision and self.robot_kind != "metaworld":
             raise ValueError(f"NodeConfig supervision (--supervision) is a simulated operator "
                              f"for simulated robots; robot kind {self.robot_kind!r} has real ones")
+        if not 0 < self.sim_speed < float("inf"):
+            raise ValueError(f"NodeConfig sim_speed must be > 0 (--sim-speed), got {self.sim_speed}")
+        if self.sim_speed != 1.0 and self.robot_kind != "metaworld":
+            raise ValueError(f"NodeConfig sim_speed (--sim-speed) runs a simulated robot's clock "
+                             f"faster than the wall; robot kind {self.robot_kind!r} is real")
         if self.max_obs_age_s is not None and self.max_obs_age_s <= 0:
             raise ValueError(f"NodeConfig max_obs_age_s must be > 0, got {self.max_obs_age_s}")
         if not self.robot_id or not self.task:
@@ -153,7 +161,7 @@ class NodeConfig:
 class RobotNode:
     def __init__(self, config: NodeConfig, robot=None, clock=None):
         c = self.config = config
-        self.clock = clock or WallClock()
+        self.clock = clock or (ScaledClock(c.sim_speed) if c.sim_speed != 1.0 else WallClock())
         self.trust = Trust.load(c.trusted_keys, c.allow_unsigned)
         if c.allow_unsigned:
             log.warning("node: --allow-unsigned: unsigned policy artifacts are accepted (local "
@@ -170,7 +178,7 @@ class RobotNode:
         self.gate = VerifierScheduler(None, c.verifier, self.envelope)
         self.worker = InferenceWorker(self.policy, self.queue, self.clock, rate_hz=rate,
                                       gate=self.gate, margin_ticks=c.margin_ticks,
-                                      initial_latency_s=self.policy.latency["total"].quantile(0.95),
+                                      initial_latency_s=self._clock_seconds(self.policy.latency["total"].quantile(0.95)),
                                       strategy=c.strategy, actions_per_chunk=c.actions_per_chunk,
                                       max_obs_age_s=c.max_obs_age_s)
         self.spool = Spool(c.spool_dir, c.robot_id)
@@ -224,6 +232,10 @@ class RobotNode:
                     "the field need --tls-cert --tls-key --tls-ca)", c.learner)
         return insecure_channel
 
+    def _clock_seconds(self, wall_s: float) -> float:
+        """A wall-clock duration (a warm-up latency) in the node's clock time."""
+        return wall_s * getattr(self.clock, "speed", 1.0)
+
     # -- policies ----------------------------------------------------------------------------
     def _load_policy(self, path: pathlib.Path, verified=None) -> PolicyRunner:
         """``verified``: the manifest, signature and file hashes already checked."""
@@ -250,7 +262,7 @@ class RobotNode:
         c = self.config
         rate = c.rate_hz or runner.manifest.control_rate_hz or self.description.control_rate_hz
         budget = c.latency_budget_s or max(1, runner.horizon // 2) / rate
-        took = runner.latency["total"].quantile(0.5)
+        took = self._clock_seconds(runner.latency["total"].quantile(0.5))
         if took > budget:
             raise RuntimeError(f"policy v{runner.version} is too slow: warm-up inference takes "
                                f"{1e3 * took:.1f} ms (median), over the latency budget of "
@@ -459,7 +471,8 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
     p.add_argument("--learner", default=None, help="learner address host:port (none: offline)")
     p.add_argument("--spool", default=None, help="spool directory")
     p.add_argument("--status", default=None, help="status JSON file")
-    p.add_argument("--seconds", type=float, default=None, help="run time (default: until stopped)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="run time on the robot's clock (default: until stopped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rate", type=float, default=None, help="control rate in Hz")
     p.add_argument("--camera", default="fast", help="simulated camera: fast | mujoco")
@@ -503,6 +516,9 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
     p.add_argument("--supervision", type=float, default=0.0,
                    help="simulated robots: fraction of episodes a simulated operator watches, "
                         "taking over when the robot stalls (recorded as human interventions)")
+    p.add_argument("--sim-speed", type=float, default=1.0,
+                   help="simulated robots: run the robot's clock this many times as fast as the "
+                        "wall (more experience per minute where the cores allow it)")
     a = p.parse_args(argv)
     if a.learner and not (a.tls_cert or a.tls_key or a.tls_ca or a.insecure):
         p.error("--learner needs mutual TLS: --tls-cert DIR/cert.pem --tls-key DIR/key.pem "
@@ -522,7 +538,7 @@ def parse_args(argv: list[str] | None) -> NodeConfig:
                       status_interval_s=a.status_interval, tls_cert=a.tls_cert,
                       tls_key=a.tls_key, tls_ca=a.tls_ca, tls_server_name=a.tls_server_name,
                       insecure=a.insecure, supervision=a.supervision, fetch=a.fetch,
-                      fetch_priority=a.fetch_priority)
+                      fetch_priority=a.fetch_priority, sim_speed=a.sim_speed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of the learning fleet's episodes a simulated operator watches "
                         "and takes over when a robot stalls (human interventions); the curves "
                         "count the unwatched episodes only")
+    p.add_argument("--sim-speed", type=float, default=1.0,
+                   help="learning: the simulated robots' clocks run this many times as fast as "
+                        "the wall (curves stay in wall-clock seconds; default 1: real time)")
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.only.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for staleness in (0, a.staleness):
             run = run_learning(staleness, minutes=a.minutes, robots=a.robots,
                                out_dir=work / f"learning-s{staleness}",
-                               supervision=a.supervision)
+                               supervision=a.supervision, sim_speed=a.sim_speed)
             runs.append(run)
             print(f"bench learner: learning staleness {staleness}: start "
                   f"{run['start_success']:.3f} final {run['final_success']:.3f}", flush=True)

@@ -66,7 +66,7 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
                  out_dir=None, *, window: int = WINDOW_EPISODES,
                  publish_interval_s: float = PUBLISH_INTERVAL_S, seed: int = 0,
                  cache_dir: str = ".tether-cache/pretrained", supervision: float = 0.0,
-                 trainer: dict | None = None) -> dict:
+                 trainer: dict | None = None, sim_speed: float = 1.0) -> dict:
     """One learning run at staleness S; returns {"staleness", "curve", "start_success",
     "final_success", "episodes", "versions", ...}. Canary rollout is off (fraction 0): every
     robot gets each version at once, so S alone sets how synchronous the fleet is."""
@@ -77,7 +77,8 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
                          tasks=tuple(tasks or LEARNING_TASKS), seed=seed,
                          publish_interval_s=publish_interval_s, min_episodes=robots,
                          staleness=staleness, canary_fraction=0.0, cache_dir=cache_dir,
-                         supervision=supervision, trainer=dict(trainer or {}))
+                         supervision=supervision, trainer=dict(trainer or {}),
+                         sim_speed=sim_speed)
     summary = run_fleet(config)
     samples = summary["samples"]
     curve = moving_success(samples, window, until_s=minutes * 60)
@@ -87,7 +88,7 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
     statuses = _statuses(config.out)
     return {
         "staleness": staleness, "robots": robots, "minutes": minutes, "tasks": list(config.tasks),
-        "supervision": supervision, "trainer": dict(trainer or {}),
+        "supervision": supervision, "trainer": dict(trainer or {}), "sim_speed": sim_speed,
         "supervised_episodes": sum(int(s.get("supervised_episodes", 0)) for s in statuses),
         "interventions": sum(int(s.get("interventions", 0)) for s in statuses),
         "window_episodes": window, "curve": curve,
@@ -143,11 +144,14 @@ def main(argv=None) -> int:
                         "the curve counts the other episodes only")
     p.add_argument("--trainer", default="{}",
                    help="the learner's TrainerConfig overrides, as JSON (tether learner --trainer)")
+    p.add_argument("--sim-speed", type=float, default=1.0,
+                   help="the simulated robots' clocks run this many times as fast as the wall "
+                        "(the curve stays in wall-clock seconds; default 1: real time)")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t) or None
     runs = [run_learning(int(s), a.minutes, a.robots, tasks, a.out_dir, window=a.window,
                          publish_interval_s=a.publish_interval, supervision=a.supervision,
-                         trainer=json.loads(a.trainer))
+                         trainer=json.loads(a.trainer), sim_speed=a.sim_speed)
             for s in a.staleness.split(",")]
     result = {"learning": runs}
     sync = next((r for r in runs if r["staleness"] == 0), None)

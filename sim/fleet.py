@@ -53,6 +53,9 @@ class FleetConfig:
     # fraction of episodes a simulated operator watches and takes over when a robot stalls
     # (sim/supervisor.py): human interventions for the learner's imitation term; 0: none
     supervision: float = 0.0
+    # the robots' clocks run this many times as fast as the wall (runtime.clock.ScaledClock):
+    # ``minutes`` stays wall-clock time, each robot lives minutes * sim_speed of its own
+    sim_speed: float = 1.0
     trainer: dict = dataclasses.field(default_factory=dict)  # the learner's --trainer overrides
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
@@ -64,6 +67,8 @@ class FleetConfig:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
         if not 0.0 <= self.supervision <= 1.0:
             raise ValueError(f"--supervision must be in [0, 1], got {self.supervision}")
+        if not 0 < self.sim_speed < float("inf"):
+            raise ValueError(f"--sim-speed must be > 0, got {self.sim_speed}")
 
 
 def learner_trust(learner_data: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -177,12 +182,14 @@ class Fleet:
             args = ["robot", "--robot-id", rid, "--task", self.tasks[i % len(self.tasks)],
                     "--artifact", str(artifact), "--learner", self.addr,
                     "--spool", str(home / "spool"), "--status", str(home / "status.json"),
-                    "--seconds", str(c.minutes * 60), "--seed", str(ROBOT_SEED_BASE + c.seed * 1000 + i),
+                    "--seconds", str(c.minutes * 60 * c.sim_speed), "--seed", str(ROBOT_SEED_BASE + c.seed * 1000 + i),
                     "--camera", c.camera, "--trusted-key", str(public_key), *self._tls_args(rid)]
             if c.rt_priority:
                 args += ["--rt-priority", str(c.rt_priority)]
             if c.supervision:
                 args += ["--supervision", str(c.supervision)]
+            if c.sim_speed != 1.0:
+                args += ["--sim-speed", str(c.sim_speed)]
             if self.placement is not None:  # Ray: the same process, on some node of the cluster
                 self.robots[rid] = self.placement.start(rid, args, home)
                 continue
@@ -283,7 +290,8 @@ def run_fleet(config: FleetConfig) -> dict:
     tasks = tuple(config.tasks) or tuple(DEFAULT_TASKS)
     fleet = Fleet(config, tasks)
     fleet.out.mkdir(parents=True, exist_ok=True)
-    print(f"fleet: {config.robots} robots on {', '.join(tasks)} for {config.minutes:g} min "
+    speed = f" at {config.sim_speed:g}x real time" if config.sim_speed != 1.0 else ""
+    print(f"fleet: {config.robots} robots on {', '.join(tasks)} for {config.minutes:g} min{speed} "
           f"-> {fleet.out}", flush=True)
     if config.ray:  # before pretraining: fail fast without ray or a cluster
         from sim.ray_fleet import RayPlacement
@@ -311,6 +319,7 @@ def run_fleet(config: FleetConfig) -> dict:
     summary = report.aggregate(statuses, stats, duration)
     summary["robot_exit_codes"] = {rid: p.returncode for rid, p in fleet.robots.items()}
     summary["tasks"] = list(tasks)
+    summary["sim_speed"] = config.sim_speed
     # cumulative (seconds, episodes, successes) about once a second: sim.bench_learning's curves
     summary["samples"] = [[round(t, 2), e, s] for t, e, s in fleet.samples]
     curve = report.learning_curve(fleet.samples, config.curve_bin_s)
@@ -377,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the task's scripted expert) when a robot stalls; recorded as human "
                         "interventions, which the learner imitates; success rates count the "
                         "episodes no operator watched (default 0: none)")
+    p.add_argument("--sim-speed", type=float, default=1.0,
+                   help="run the simulated robots' clocks this many times as fast as the wall "
+                        "(--minutes stays wall-clock time; default 1: real time)")
     a = p.parse_args(argv)
     config = FleetConfig(ray=a.ray, robots=a.robots, minutes=a.minutes, out=a.out, seed=a.seed,
                          tasks=tuple(t for t in a.tasks.split(",") if t), camera=a.camera,
@@ -384,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                          staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
                          canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
                          insecure=a.insecure, verifier_every=a.verifier_every,
-                         rt_priority=a.rt_priority, supervision=a.supervision)
+                         rt_priority=a.rt_priority, supervision=a.supervision,
+                         sim_speed=a.sim_speed)
     summary = run_fleet(config)
     print(json.dumps({k: summary[k] for k in (
         "robots", "duration_s", "episodes", "transitions_sent", "transitions_acked",

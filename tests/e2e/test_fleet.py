@@ -2,7 +2,8 @@
 
 The robots run ONNX Runtime inference at their control rate, stream experience over gRPC, and
 swap in the versions the learner trains and publishes. The run must lose nothing: every
-transition a robot recorded is acknowledged and stored exactly once.
+transition a robot recorded is acknowledged and stored exactly once. The robots' clocks run at
+twice the wall's pace (``--sim-speed 2``), as a simulated fleet may.
 """
 import json
 import pathlib
@@ -20,6 +21,7 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     out = tmp_path / "fleet"
     cmd = [sys.executable, "-m", "tether.cli", "fleet", "--robots", "2", "--minutes", "1",
            "--publish-interval", "12", "--out", str(out), "--supervision", "0.5",
+           "--sim-speed", "2",
            "--cache-dir", str(REPO / ".tether-cache" / "pretrained")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -32,6 +34,8 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     assert s["versions_deployed_min"] >= 2, s["per_robot"]
     assert s["swap_stall_ticks"] == 0
     assert s["control"]["ticks"] > 0 and s["verifier"]["chunks_checked"] > 0
+    # 2 robots x 60 s of wall time at 25 Hz is 3,000 ticks in real time; at 2x up to 6,000
+    assert s["sim_speed"] == 2.0 and s["control"]["ticks"] > 3_900, s["control"]
     assert set(s["success_rate_by_version"]) >= {"1"}
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "learner: stored" in r.stdout  # live progress was shown

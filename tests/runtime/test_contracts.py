@@ -2,12 +2,13 @@
 import dataclasses
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from runtime import artifact, tensors
-from runtime.clock import VirtualClock, WallClock, make_clock
+from runtime.clock import ScaledClock, VirtualClock, WallClock, make_clock
 from runtime.distributions import gaussian_log_prob, sample
 from runtime.tokenizer import tokenize
 from tether.wire import tether_pb2 as pb
@@ -18,6 +19,24 @@ def test_wall_clock_sleeps_until_deadline():
     t = c.now() + 0.02
     c.sleep_until(t)
     assert c.now() >= t
+
+
+def test_a_scaled_clock_runs_speed_times_as_fast_as_the_wall_and_sleeps_in_its_own_time():
+    c = ScaledClock(4.0)
+    assert abs(c.now() - time.monotonic()) < 0.05  # reads equal at creation
+    t0, w0 = c.now(), time.monotonic()
+    time.sleep(0.05)
+    ratio = (c.now() - t0) / (time.monotonic() - w0)
+    assert 3.8 < ratio < 4.2
+    target = c.now() + 0.4  # 0.4 s of the clock's time: 0.1 s of the wall's
+    w0 = time.monotonic()
+    c.sleep_until(target)
+    waited = time.monotonic() - w0
+    assert c.now() >= target
+    assert 0.09 <= waited < 0.35, waited  # a WallClock would have waited 0.4 s
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="speed"):
+            ScaledClock(bad)
 
 
 def test_virtual_clock_waits_for_advance():

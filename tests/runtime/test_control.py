@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from runtime.chunks import ActionQueue
-from runtime.clock import VirtualClock, WallClock
+from runtime.clock import ScaledClock, VirtualClock, WallClock
 from runtime.control import ControlLoop
 from runtime.inference import InferenceWorker
 from verifier.envelope import Envelope
@@ -150,6 +150,26 @@ def test_threaded_worker_on_the_wall_clock_keeps_up():
     assert 35 <= loop.ticks <= 51  # deadlines skipped under load lower it
     assert worker.chunks >= 5 and worker.delay_ticks() >= 1
     assert loop.stall_ticks <= 15  # the first chunk's latency; the rest is ahead of time
+    assert_all_sent_inside_envelope(robot)
+
+
+def test_on_a_scaled_clock_the_loop_runs_faster_than_the_wall_and_plans_for_latency_in_its_time():
+    """A simulated robot at 4x: the 50 Hz loop ticks 200 times a wall second, and an inference
+    of 20 ms (wall) spans 80 ms of the robot's time, which the worker's delay covers in ticks."""
+    import time
+    policy = FakePolicy(horizon=8, action_dim=4, value=0.3, sleep_s=0.02)
+    loop, worker, robot, ticks, _ = build(policy=policy, clock=ScaledClock(4.0), threaded=True,
+                                          rate=50.0)
+    worker.start()
+    w0 = time.monotonic()
+    try:
+        loop.run(seconds=2.0)  # of the robot's clock
+    finally:
+        worker.stop()
+    wall = time.monotonic() - w0
+    assert wall < 1.2, wall  # 0.5 s at 4x; a real-time loop would take 2 s
+    assert 60 <= loop.ticks <= 101
+    assert worker.delay_ticks() >= 3  # 80 ms at 50 Hz is 4 ticks
     assert_all_sent_inside_envelope(robot)
 
 

@@ -125,6 +125,10 @@ def test_config_is_validated():
         NodeConfig(robot_id="r", task="t", artifact="x", supervision=2.0)
     with pytest.raises(ValueError, match="simulated operator"):
         NodeConfig(robot_id="r", task="t", artifact="x", supervision=0.5, robot_kind="ros2")
+    with pytest.raises(ValueError, match="sim_speed"):
+        NodeConfig(robot_id="r", task="t", artifact="x", sim_speed=0)
+    with pytest.raises(ValueError, match="is real"):
+        NodeConfig(robot_id="r", task="t", artifact="x", sim_speed=2.0, robot_kind="ros2")
 
 
 def test_cli_chunk_settings_reach_the_worker(artifacts, tmp_path):
