@@ -89,6 +89,7 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
     return {
         "staleness": staleness, "robots": robots, "minutes": minutes, "tasks": list(config.tasks),
         "supervision": supervision, "trainer": dict(trainer or {}), "sim_speed": sim_speed,
+        "seed": seed,
         "supervised_episodes": sum(int(s.get("supervised_episodes", 0)) for s in statuses),
         "interventions": sum(int(s.get("interventions", 0)) for s in statuses),
         "window_episodes": window, "curve": curve,
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
                         "the curve counts the other episodes only")
     p.add_argument("--trainer", default="{}",
                    help="the learner's TrainerConfig overrides, as JSON (tether learner --trainer)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the fleet's seed: the cloned policy (pretrained per seed), the robots' "
+                        "episodes and the trainer")
     p.add_argument("--sim-speed", type=float, default=1.0,
                    help="the simulated robots' clocks run this many times as fast as the wall "
                         "(the curve stays in wall-clock seconds; default 1: real time)")
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     tasks = tuple(t for t in a.tasks.split(",") if t) or None
     runs = [run_learning(int(s), a.minutes, a.robots, tasks, a.out_dir, window=a.window,
                          publish_interval_s=a.publish_interval, supervision=a.supervision,
-                         trainer=json.loads(a.trainer), sim_speed=a.sim_speed)
+                         trainer=json.loads(a.trainer), sim_speed=a.sim_speed, seed=a.seed)
             for s in a.staleness.split(",")]
     result = {"learning": runs}
     sync = next((r for r in runs if r["staleness"] == 0), None)
