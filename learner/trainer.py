@@ -61,8 +61,8 @@ class Trainer(UpdateStep):
                  config: TrainerConfig = TrainerConfig(), *, log_path=None,
                  demos: DemoSet | None = None):
         """``demos``: the demonstrations the policy was cloned from, imitated alongside the
-        fleet's data (learner/imitation.py; ``imitation_lr`` 0 turns that off); default: read
-        from ``config.demos``."""
+        fleet's data (learner/imitation.py; ``imitation_steps`` 0, the default, or
+        ``imitation_lr`` 0 turns that off); default: read from ``config.demos``."""
         self.store, self.registry, self.config = store, registry, config
         self.log_path = pathlib.Path(log_path) if log_path else None
         self.version = registry.latest()

@@ -135,10 +135,12 @@ def test_the_learner_reads_the_demonstrations_next_to_its_initial_artifact(setup
     demo_set().save(artifact.parent / "demos.npz")
     path = find_demos(str(artifact), None)
     assert path == str(artifact.parent / "demos.npz")
-    trainer = Trainer(store, registry, TrainerConfig(demos=path))
+    trainer = Trainer(store, registry, TrainerConfig(demos=path, imitation_steps=8))
     assert trainer.imitation.demonstrations == 10
+    # with the imitation steps off (the default) the set, and so the file, is not needed
+    assert Trainer(store, registry, TrainerConfig(demos=path)).imitation is None
     with pytest.raises(SystemExit, match="does not exist"):
         find_demos(str(artifact), str(tmp_path / "missing.npz"))
     (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(RuntimeError, match="cannot be read"):
-        Trainer(store, registry, TrainerConfig(demos=str(tmp_path / "torn.npz")))
+        Trainer(store, registry, TrainerConfig(demos=str(tmp_path / "torn.npz"), imitation_steps=8))
