@@ -176,9 +176,10 @@ class RobotNode:
         self.queue = ActionQueue(self.policy.action_dim)
         self.envelope = Envelope(self.description, c.on_violation)
         self.gate = VerifierScheduler(None, c.verifier, self.envelope)
+        warm_p95 = self._clock_seconds(self.policy.latency["total"].quantile(0.95))
         self.worker = InferenceWorker(self.policy, self.queue, self.clock, rate_hz=rate,
                                       gate=self.gate, margin_ticks=c.margin_ticks,
-                                      initial_latency_s=self._clock_seconds(self.policy.latency["total"].quantile(0.95)),
+                                      initial_latency_s=warm_p95,
                                       strategy=c.strategy, actions_per_chunk=c.actions_per_chunk,
                                       max_obs_age_s=c.max_obs_age_s)
         self.spool = Spool(c.spool_dir, c.robot_id)
