@@ -3,9 +3,11 @@ behaviour-cloned policy, at a given staleness S (0 = synchronous on-policy).
 
 Each run is a real fleet (``sim.fleet``: a ``tether learner`` process and N ``tether robot``
 processes on loopback) trained live. The curve is the success rate of the fleet's most recent
-``window`` episodes (a moving window over episodes), read from the robots' status files about
-once a second; ``start_success`` is the first full window (the BC policy, mostly version 1),
-``final_success`` the last window before the robots stop.
+``window`` episodes (a moving window over episodes; by default ``WINDOW_EPISODES`` times the sim
+speed, so that a window spans about the same wall time at any speed: at 3x, 48 episodes are
+ten seconds of the fleet, +-0.07 of binomial noise on a curve with ~90 such points), read from the robots' status files about once a second;
+``start_success`` is the first full window (the BC policy, mostly version 1), ``final_success``
+the last window before the robots stop.
 
 Tasks (``LEARNING_TASKS``): the BC policy's fleet success, measured with
 ``tether fleet --robots 6 --minutes 2 --no-train --canary-fraction 0`` (stochastic sampling as
@@ -26,6 +28,11 @@ from sim.tasks import DEFAULT_TASKS
 LEARNING_TASKS: tuple[str, ...] = DEFAULT_TASKS
 WINDOW_EPISODES = 48
 PUBLISH_INTERVAL_S = 10.0
+
+
+def default_window(sim_speed: float) -> int:
+    """Episodes per curve point: ``WINDOW_EPISODES`` at real time, scaled with the sim speed."""
+    return max(1, round(WINDOW_EPISODES * max(sim_speed, 1.0)))
 
 
 def moving_success(samples: list, window: int, until_s: float | None = None,
@@ -63,7 +70,7 @@ def async_speedup(sync: dict, asynchronous: dict) -> float | None:
 
 
 def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=None,
-                 out_dir=None, *, window: int = WINDOW_EPISODES,
+                 out_dir=None, *, window: int | None = None,
                  publish_interval_s: float = PUBLISH_INTERVAL_S, seed: int = 0,
                  cache_dir: str = ".tether-cache/pretrained", supervision: float = 0.0,
                  trainer: dict | None = None, sim_speed: float = 1.0) -> dict:
@@ -72,6 +79,7 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
     robot gets each version at once, so S alone sets how synchronous the fleet is."""
     from sim.fleet import FleetConfig, run_fleet
 
+    window = window or default_window(sim_speed)
     out = pathlib.Path(out_dir) if out_dir else pathlib.Path(tempfile.mkdtemp(prefix="tether-learning-"))
     config = FleetConfig(robots=robots, minutes=minutes, out=str(out / f"staleness-{staleness}"),
                          tasks=tuple(tasks or LEARNING_TASKS), seed=seed,
@@ -136,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=15.0)
     p.add_argument("--robots", type=int, default=8)
     p.add_argument("--tasks", default="", help="comma-separated tasks (default: LEARNING_TASKS)")
-    p.add_argument("--window", type=int, default=WINDOW_EPISODES, help="episodes per curve point")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"episodes per curve point (default {WINDOW_EPISODES} x the sim speed)")
     p.add_argument("--publish-interval", type=float, default=PUBLISH_INTERVAL_S)
     p.add_argument("--out-dir", default=None, help="where the fleets write (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results JSON here")

@@ -1,0 +1,42 @@
+"""The learning benchmark's curve arithmetic (sim/bench_learning.py): moving windows over
+cumulative samples, time to a level, the asynchronous speedup, the default window."""
+from sim.bench_learning import WINDOW_EPISODES, async_speedup, default_window, moving_success, time_to
+
+
+def _samples(rates_per_10s: list[float], episodes_per_10s: int = 20) -> list:
+    """Cumulative (seconds, episodes, successes), one sample per 10 s at the given rates."""
+    out, eps, succ = [], 0, 0
+    for i, rate in enumerate(rates_per_10s):
+        eps += episodes_per_10s
+        succ += round(rate * episodes_per_10s)
+        out.append([10.0 * (i + 1), eps, succ])
+    return out
+
+
+def test_moving_success_counts_only_the_last_window():
+    samples = _samples([0.0] * 5 + [1.0] * 5)  # 100 episodes at 0, then 100 at 1
+    curve = moving_success(samples, window=40, every_s=0.0)
+    assert curve[0] == [10.0, 0.0]  # half a window is enough for a first point
+    assert dict(map(tuple, curve))[60.0] == 0.5  # the window straddles the switch
+    assert curve[-1] == [100.0, 1.0]  # the last 40 episodes were all successes
+
+
+def test_moving_success_stops_at_the_run_end_and_spaces_points():
+    samples = _samples([0.5] * 10)
+    curve = moving_success(samples, window=20, until_s=50.0, every_s=20.0)
+    assert [t for t, _ in curve] == [10.0, 30.0, 50.0]  # 60 s is past until_s + 1
+
+
+def test_async_speedup_is_the_ratio_of_times_to_the_sync_final_level():
+    sync = {"curve": [[100.0, 0.3], [400.0, 0.5], [900.0, 0.6]], "final_success": 0.6}
+    fast = {"curve": [[100.0, 0.4], [300.0, 0.61], [900.0, 0.7]]}
+    never = {"curve": [[100.0, 0.4], [900.0, 0.55]]}
+    assert time_to(sync["curve"], 0.5) == 400.0
+    assert async_speedup(sync, fast) == 3.0
+    assert async_speedup(sync, never) is None
+
+
+def test_default_window_spans_the_same_wall_time_at_any_sim_speed():
+    assert default_window(1.0) == WINDOW_EPISODES
+    assert default_window(3.0) == 3 * WINDOW_EPISODES
+    assert default_window(0.5) == WINDOW_EPISODES  # slower than real time: never fewer episodes
