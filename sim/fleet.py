@@ -283,6 +283,24 @@ class Fleet:
         return statuses
 
 
+def _stop_on_sigterm():
+    """SIGTERM to the fleet's driver (``kill``, a CI timeout, a supervisor) ends it like ^C: the
+    ``finally`` stops the learner and robot processes instead of leaving them running orphaned.
+    Returns the function that puts the previous handler back (a no-op off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    raised = []
+
+    def interrupt(signum, frame):
+        if not raised:  # once: a second SIGTERM must not cut the clean-up short
+            raised.append(signum)
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def run_fleet(config: FleetConfig) -> dict:
     from learner.pretrain import ensure_pretrained
     from sim.tasks import DEFAULT_TASKS
@@ -303,6 +321,7 @@ def run_fleet(config: FleetConfig) -> dict:
     artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed))
     checkpoint = artifact.parent / "model.pt"
     print(f"fleet: pretrained policy ready in {time.monotonic() - t:.0f}s: {artifact}", flush=True)
+    restore = _stop_on_sigterm()
     try:
         fleet.start_learner(artifact, checkpoint if checkpoint.exists() else None)
         print(f"fleet: learner at {fleet.addr}", flush=True)
@@ -316,6 +335,7 @@ def run_fleet(config: FleetConfig) -> dict:
         fleet.stop()
         if fleet.placement is not None:
             fleet.placement.close()
+        restore()
     summary = report.aggregate(statuses, stats, duration)
     summary["robot_exit_codes"] = {rid: p.returncode for rid, p in fleet.robots.items()}
     summary["tasks"] = list(tasks)

@@ -45,3 +45,25 @@ def test_outputs_written(tmp_path):
     report.write_outputs(tmp_path, {"robots": 1}, [[10.0, 0.5, 2]], [(0.0, 1), (8.0, 2)])
     assert json.loads((tmp_path / "summary.json").read_text())["version_times"] == [[0.0, 1], [8.0, 2]]
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fleet_driver_turns_sigterm_into_a_clean_stop():
+    """SIGTERM to the fleet's driver raises KeyboardInterrupt (so ``run_fleet``'s ``finally``
+    stops the learner and robots) once; a second one during the clean-up is ignored; the
+    previous handler comes back afterwards."""
+    import os
+    import signal
+
+    import pytest
+
+    from sim.fleet import _stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    restore = _stop_on_sigterm()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before kill returns
+        os.kill(os.getpid(), signal.SIGTERM)  # during clean-up: no second interrupt
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is before
