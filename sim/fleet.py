@@ -179,6 +179,9 @@ class Fleet:
             rid = f"robot-{i}"
             home = self.out / "robots" / rid
             home.mkdir(parents=True, exist_ok=True)
+            # a status left by an earlier fleet in this folder would count in this one's samples
+            # until the robot writes its first (its spool stays: the robot resends from it)
+            (home / "status.json").unlink(missing_ok=True)
             args = ["robot", "--robot-id", rid, "--task", self.tasks[i % len(self.tasks)],
                     "--artifact", str(artifact), "--learner", self.addr,
                     "--spool", str(home / "spool"), "--status", str(home / "status.json"),

@@ -19,6 +19,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(900)
 def test_fleet_learns_and_loses_nothing(tmp_path):
     out = tmp_path / "fleet"
+    # a status file an earlier fleet left in this folder does not count in this run's samples
+    stale = out / "robots" / "robot-0" / "status.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"robot_id": "robot-0", "episodes": 100_000, "successes": 0}))
     cmd = [sys.executable, "-m", "tether.cli", "fleet", "--robots", "2", "--minutes", "1",
            "--publish-interval", "12", "--out", str(out), "--supervision", "0.5",
            "--sim-speed", "2",
@@ -26,7 +30,8 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["robots"] == 2 and s["episodes"] > 0
+    assert s["robots"] == 2 and 0 < s["episodes"] < 100_000
+    assert all(sample[1] < 100_000 for sample in s["samples"])
     assert s["transitions_sent"] > 0
     assert s["transitions_sent"] == s["transitions_acked"] == s["transitions_stored"]
     assert s["duplicates_dropped"] >= 0
