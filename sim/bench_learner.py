@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"host": platform.node(), "machine": platform.processor() or platform.machine(),
               "command": "tether bench learner " + " ".join(argv or sys.argv[1:])}
     t0 = time.monotonic()
+    from sim.fleet import stop_on_sigterm
+
+    stop_on_sigterm()  # SIGTERM runs each part's clean-up: no learner or robot left behind
 
     def save() -> None:
         result["seconds_total"] = round(time.monotonic() - t0, 1)

@@ -286,7 +286,7 @@ class Fleet:
         return statuses
 
 
-def _stop_on_sigterm():
+def stop_on_sigterm():
     """SIGTERM to the fleet's driver (``kill``, a CI timeout, a supervisor) ends it like ^C: the
     ``finally`` stops the learner and robot processes instead of leaving them running orphaned.
     Returns the function that puts the previous handler back (a no-op off the main thread)."""
@@ -324,7 +324,7 @@ def run_fleet(config: FleetConfig) -> dict:
     artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed))
     checkpoint = artifact.parent / "model.pt"
     print(f"fleet: pretrained policy ready in {time.monotonic() - t:.0f}s: {artifact}", flush=True)
-    restore = _stop_on_sigterm()
+    restore = stop_on_sigterm()
     try:
         fleet.start_learner(artifact, checkpoint if checkpoint.exists() else None)
         print(f"fleet: learner at {fleet.addr}", flush=True)

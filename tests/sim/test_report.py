@@ -56,10 +56,10 @@ def test_fleet_driver_turns_sigterm_into_a_clean_stop():
 
     import pytest
 
-    from sim.fleet import _stop_on_sigterm
+    from sim.fleet import stop_on_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
-    restore = _stop_on_sigterm()
+    restore = stop_on_sigterm()
     try:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before kill returns
