@@ -3,9 +3,9 @@ behaviour-cloned policy, at a given staleness S (0 = synchronous on-policy).
 
 Each run is a real fleet (``sim.fleet``: a ``tether learner`` process and N ``tether robot``
 processes on loopback) trained live. The curve is the success rate of the fleet's most recent
-``window`` episodes (a moving window over episodes; by default ``WINDOW_EPISODES`` times the sim
-speed, so that a window spans about the same wall time at any speed: at 3x, 48 episodes are
-ten seconds of the fleet, +-0.07 of binomial noise on a curve with ~90 such points), read from the robots' status files about once a second;
+``window`` episodes, read from the robots' status files about once a second. By default the
+window is ``WINDOW_EPISODES`` times the sim speed, so that it spans about the same wall time at
+any speed (at 3x, 48 episodes are ten seconds of the fleet and +-0.07 of binomial noise).
 ``start_success`` is the first full window (the BC policy, mostly version 1), ``final_success``
 the last window before the robots stop.
 
