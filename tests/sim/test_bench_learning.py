@@ -1,6 +1,7 @@
 """The learning benchmark's curve arithmetic (sim/bench_learning.py): moving windows over
 cumulative samples, time to a level, the asynchronous speedup, the default window."""
-from sim.bench_learning import WINDOW_EPISODES, async_speedup, default_window, moving_success, time_to
+from sim.bench_learning import (WINDOW_EPISODES, async_speedup, default_window, moving_success,
+                                time_to)
 
 
 def _samples(rates_per_10s: list[float], episodes_per_10s: int = 20) -> list:
