@@ -26,7 +26,9 @@ import tempfile
 from sim.tasks import DEFAULT_TASKS
 
 LEARNING_TASKS: tuple[str, ...] = DEFAULT_TASKS
+LEARNING_PRETRAIN: dict = {}
 WINDOW_EPISODES = 48
+BLOCK_S = 180.0  # per-task and whole-fleet success in blocks of this much wall time
 PUBLISH_INTERVAL_S = 10.0
 
 
@@ -54,6 +56,20 @@ def moving_success(samples: list, window: int, until_s: float | None = None,
     return curve
 
 
+def block_success(samples: list, block_s: float, until_s: float) -> list[list[float]]:
+    """[[block end seconds, success rate, episodes], ...] over consecutive ``block_s`` blocks of
+    wall time up to ``until_s``, from cumulative (seconds, episodes, successes) samples; a
+    block without an ended episode has rate None."""
+    out, prev, end = [], (0, 0), block_s
+    while end <= until_s + 1e-9:
+        upto = [s for s in samples if s[0] <= end + 1.0]
+        eps, succ = (upto[-1][1], upto[-1][2]) if upto else prev
+        n = eps - prev[0]
+        out.append([round(end, 1), round((succ - prev[1]) / n, 4) if n > 0 else None, n])
+        prev, end = (eps, succ), end + block_s
+    return out
+
+
 def time_to(curve: list, level: float) -> float | None:
     """Seconds until the curve first reaches ``level`` (None: never)."""
     return next((t for t, rate in curve if rate >= level - 1e-9), None)
@@ -73,7 +89,8 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
                  out_dir=None, *, window: int | None = None,
                  publish_interval_s: float = PUBLISH_INTERVAL_S, seed: int = 0,
                  cache_dir: str = ".tether-cache/pretrained", supervision: float = 0.0,
-                 trainer: dict | None = None, sim_speed: float = 1.0) -> dict:
+                 trainer: dict | None = None, sim_speed: float = 1.0,
+                 pretrain: dict | None = None) -> dict:
     """One learning run at staleness S; returns {"staleness", "curve", "start_success",
     "final_success", "episodes", "versions", ...}. Canary rollout is off (fraction 0): every
     robot gets each version at once, so S alone sets how synchronous the fleet is."""
@@ -86,7 +103,8 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
                          publish_interval_s=publish_interval_s, min_episodes=robots,
                          staleness=staleness, canary_fraction=0.0, cache_dir=cache_dir,
                          supervision=supervision, trainer=dict(trainer or {}),
-                         sim_speed=sim_speed)
+                         sim_speed=sim_speed, pretrain=dict(
+                             LEARNING_PRETRAIN if pretrain is None else pretrain))
     summary = run_fleet(config)
     samples = summary["samples"]
     curve = moving_success(samples, window, until_s=minutes * 60)
@@ -97,10 +115,14 @@ def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=N
     return {
         "staleness": staleness, "robots": robots, "minutes": minutes, "tasks": list(config.tasks),
         "supervision": supervision, "trainer": dict(trainer or {}), "sim_speed": sim_speed,
-        "seed": seed,
+        "seed": seed, "pretrain": dict(config.pretrain),
         "supervised_episodes": sum(int(s.get("supervised_episodes", 0)) for s in statuses),
         "interventions": sum(int(s.get("interventions", 0)) for s in statuses),
         "window_episodes": window, "curve": curve,
+        "blocks": block_success(samples, BLOCK_S, minutes * 60),
+        # each task's own blocks: a fleet-wide gain can hide a task that was unlearned
+        "per_task_blocks": {task: block_success(rows, BLOCK_S, minutes * 60)
+                            for task, rows in summary.get("task_samples", {}).items()},
         "start_success": round(first[2] / first[1], 4) if first[1] else 0.0,
         "final_success": curve[-1][1] if curve else 0.0,
         "episodes": episodes, "versions": summary["latest_version"],
@@ -154,6 +176,9 @@ def main(argv=None) -> int:
                         "the curve counts the other episodes only")
     p.add_argument("--trainer", default="{}",
                    help="the learner's TrainerConfig overrides, as JSON (tether learner --trainer)")
+    p.add_argument("--pretrain", default=None,
+                   help="the cloned start's settings (learner.pretrain.PretrainConfig fields), as "
+                        "JSON (default: LEARNING_PRETRAIN)")
     p.add_argument("--seed", type=int, default=0,
                    help="the fleet's seed: the cloned policy (pretrained per seed), the robots' "
                         "episodes and the trainer")
@@ -164,7 +189,8 @@ def main(argv=None) -> int:
     tasks = tuple(t for t in a.tasks.split(",") if t) or None
     runs = [run_learning(int(s), a.minutes, a.robots, tasks, a.out_dir, window=a.window,
                          publish_interval_s=a.publish_interval, supervision=a.supervision,
-                         trainer=json.loads(a.trainer), sim_speed=a.sim_speed, seed=a.seed)
+                         trainer=json.loads(a.trainer), sim_speed=a.sim_speed, seed=a.seed,
+                         pretrain=None if a.pretrain is None else json.loads(a.pretrain))
             for s in a.staleness.split(",")]
     result = {"learning": runs}
     sync = next((r for r in runs if r["staleness"] == 0), None)

@@ -57,6 +57,8 @@ class FleetConfig:
     # ``minutes`` stays wall-clock time, each robot lives minutes * sim_speed of its own
     sim_speed: float = 1.0
     trainer: dict = dataclasses.field(default_factory=dict)  # the learner's --trainer overrides
+    # the cloned start's settings (learner.pretrain.PretrainConfig fields besides tasks and seed)
+    pretrain: dict = dataclasses.field(default_factory=dict)
     progress_s: float = 5.0
     curve_bin_s: float = 20.0
 
@@ -101,6 +103,7 @@ class Fleet:
         self.placement = None  # sim.ray_fleet.RayPlacement when robots are placed by Ray
         self.publishes: list[tuple[float, int]] = []
         self.samples: list[tuple[float, int, int]] = []
+        self.task_samples: dict[str, list[tuple[float, int, int]]] = {}  # the same, per task
         self.t0 = 0.0
         self.certs: dict = {}  # identity name -> learner.certs.Issued (empty: --insecure)
         self._stats_channel: grpc.Channel | None = None
@@ -248,6 +251,11 @@ class Fleet:
         t = now - self.t0
         self.samples.append((t, sum(int(s.get("episodes", 0)) for s in statuses),
                              sum(int(s.get("successes", 0)) for s in statuses)))
+        for task in self.tasks:
+            mine = [s for s in statuses if s.get("task") == task]
+            self.task_samples.setdefault(task, []).append(
+                (t, sum(int(s.get("episodes", 0)) for s in mine),
+                 sum(int(s.get("successes", 0)) for s in mine)))
         v = int(stats.get("latest_version", 0))
         if v and (not self.publishes or v > self.publishes[-1][1]):
             self.publishes.append((round(t, 1), v))
@@ -321,7 +329,8 @@ def run_fleet(config: FleetConfig) -> dict:
         except (RuntimeError, ConnectionError) as e:  # no ray installed, no cluster there
             raise SystemExit(f"tether fleet: --ray {config.ray}: {e}") from e
     t = time.monotonic()
-    artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed))
+    artifact = pathlib.Path(ensure_pretrained(tasks, config.cache_dir, seed=config.seed,
+                                              **config.pretrain))
     checkpoint = artifact.parent / "model.pt"
     print(f"fleet: pretrained policy ready in {time.monotonic() - t:.0f}s: {artifact}", flush=True)
     restore = stop_on_sigterm()
@@ -345,6 +354,8 @@ def run_fleet(config: FleetConfig) -> dict:
     summary["sim_speed"] = config.sim_speed
     # cumulative (seconds, episodes, successes) about once a second: sim.bench_learning's curves
     summary["samples"] = [[round(t, 2), e, s] for t, e, s in fleet.samples]
+    summary["task_samples"] = {task: [[round(t, 2), e, s] for t, e, s in rows]
+                               for task, rows in fleet.task_samples.items()}
     curve = report.learning_curve(fleet.samples, config.curve_bin_s)
     report.write_outputs(fleet.out, summary, curve, fleet.publishes)
     return summary

@@ -32,6 +32,11 @@ def test_fleet_learns_and_loses_nothing(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["robots"] == 2 and 0 < s["episodes"] < 100_000
     assert all(sample[1] < 100_000 for sample in s["samples"])
+    # per task (two robots on two of the default tasks), adding up to the fleet's samples
+    per_task = s["task_samples"]
+    assert set(per_task) == set(s["tasks"]) and len(s["tasks"]) == 3
+    last = [rows[-1] for rows in per_task.values()]
+    assert [sum(r[1] for r in last), sum(r[2] for r in last)] == s["samples"][-1][1:]
     assert s["transitions_sent"] > 0
     assert s["transitions_sent"] == s["transitions_acked"] == s["transitions_stored"]
     assert s["duplicates_dropped"] >= 0

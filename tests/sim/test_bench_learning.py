@@ -1,7 +1,7 @@
 """The learning benchmark's curve arithmetic (sim/bench_learning.py): moving windows over
-cumulative samples, time to a level, the asynchronous speedup, the default window."""
-from sim.bench_learning import (WINDOW_EPISODES, async_speedup, default_window, moving_success,
-                                time_to)
+cumulative samples, time to a level, the asynchronous speedup, the default window, blocks."""
+from sim.bench_learning import (WINDOW_EPISODES, async_speedup, block_success, default_window,
+                                moving_success, time_to)
 
 
 def _samples(rates_per_10s: list[float], episodes_per_10s: int = 20) -> list:
@@ -41,3 +41,9 @@ def test_default_window_spans_the_same_wall_time_at_any_sim_speed():
     assert default_window(1.0) == WINDOW_EPISODES
     assert default_window(3.0) == 3 * WINDOW_EPISODES
     assert default_window(0.5) == WINDOW_EPISODES  # slower than real time: never fewer episodes
+
+
+def test_block_success_splits_wall_time_into_blocks():
+    samples = [[10.0, 4, 1], [170.0, 10, 5], [200.0, 12, 5], [350.0, 20, 13]]
+    blocks = block_success(samples, 180.0, 540.0)
+    assert blocks == [[180.0, 0.5, 10], [360.0, 0.8, 10], [540.0, None, 0]]
