@@ -88,6 +88,7 @@ class Trainer(UpdateStep):
         # wreck the policy
         value = list(self.model.value_head.parameters())
         skip = {id(p) for p in value} | {id(self.model.log_std)}
+        skip |= {id(p) for p in _freeze(self.model, config.frozen)}
         rest = [p for p in self.model.parameters() if id(p) not in skip]
         self._base_lr = (config.lr, config.log_std_lr, config.value_lr)
         self.optimizer = torch.optim.Adam([{"params": rest}, {"params": [self.model.log_std]},
@@ -355,3 +356,19 @@ class Trainer(UpdateStep):
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(metrics, sort_keys=True) + "\n")
         return metrics
+
+
+def _freeze(model: ReferenceVLA, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Stop the gradient to the parameters whose names start with one of ``prefixes`` (module
+    names, e.g. "encoders"); returns them. A prefix that names nothing is a typo: an error."""
+    named = dict(model.named_parameters())
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in named):
+            modules = sorted({n.split(".")[0] for n in named})
+            raise ValueError(f"TrainerConfig.frozen: {prefix!r} names no parameter of the "
+                             f"policy; its modules are {', '.join(modules)}")
+    out = [p for n, p in named.items()
+           if any(n == prefix or n.startswith(prefix + ".") for prefix in prefixes)]
+    for p in out:
+        p.requires_grad_(False)
+    return out

@@ -59,6 +59,10 @@ class TrainerConfig:
     row_ratio: bool = True
     detach_value: bool = True       # the value loss trains the value head, not the policy trunk
     grad_clip: float = 1.0
+    # parameters kept as cloned: ReferenceVLA module names, matched as prefixes of the parameter
+    # names (e.g. ["encoders"]: the image encoders). Frozen parts take no gradient, so an update
+    # costs less, and one task's gradients cannot move the features the others read
+    frozen: tuple[str, ...] = ()
     staleness: int = 4              # S: versions of staleness allowed (0 = synchronous on-policy)
     snapshots: int = 8              # K recent versions' weights kept for exact proximal log-probs
     ewma_decay: float = 0.95        # PPO-EWMA proximal fallback, per optimizer step
@@ -79,6 +83,7 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "frozen", tuple(self.frozen))  # JSON gives a list
         checks = {
             "gamma": 0 <= self.gamma <= 1, "success_bonus": self.success_bonus >= 0,
             "lr": self.lr > 0, "log_std_lr": self.log_std_lr >= 0,

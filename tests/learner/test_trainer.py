@@ -175,3 +175,20 @@ def test_a_rolled_back_canary_sends_the_trainer_back_to_the_stable_weights(setup
     assert all(torch.equal(stable[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.publish().version == 4  # versions stay monotonic
     assert {rollout.assignment(r).version for r in "ab"} == {1, 4}  # v4 goes out as a canary
+
+
+def test_frozen_modules_keep_their_cloned_weights_while_the_rest_trains(setup):
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    config = TrainerConfig(frozen=["encoders", "embed"], lr=1e-3, epochs=1, minibatch=64)
+    trainer = Trainer(store, registry, config)
+    assert config.frozen == ("encoders", "embed")  # a JSON list is kept as a tuple
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_on(good + bad)
+    after = dict(trainer.model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    frozen = {n for n in before if n.startswith(("encoders.", "embed."))}
+    assert frozen and not moved & frozen
+    assert "mean_head.weight" in moved and "trunk.0.weight" in moved
+    with pytest.raises(ValueError, match="'encoder' names no parameter.*encoders"):
+        Trainer(store, registry, TrainerConfig(frozen=["encoder"]))
