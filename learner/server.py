@@ -95,8 +95,9 @@ def _beside(artifact: pathlib.Path, name: str) -> pathlib.Path | None:
 
 
 def trainer_overrides(config: TrainerConfig, text: str) -> TrainerConfig:
-    """``config`` with the plain fields of the JSON object ``text`` replaced; ValueError names
-    what is wrong (not JSON, not an object, an unknown or a nested field)."""
+    """``config`` with the plain fields of the JSON object ``text`` replaced (a list of names
+    for a tuple field); ValueError names what is wrong (not JSON, not an object, an unknown or
+    a nested field)."""
     try:
         overrides = json.loads(text)
     except ValueError as e:
@@ -108,7 +109,10 @@ def trainer_overrides(config: TrainerConfig, text: str) -> TrainerConfig:
         if name not in fields:
             raise ValueError(f"--trainer: TrainerConfig has no field {name!r} "
                              f"(fields: {sorted(fields)})")
-        if dataclasses.is_dataclass(getattr(config, name)) or isinstance(value, (dict, list)):
+        names = isinstance(getattr(config, name), tuple) and isinstance(value, list) \
+            and all(isinstance(v, str) for v in value)  # e.g. "frozen": ["encoders"]
+        if dataclasses.is_dataclass(getattr(config, name)) or (
+                isinstance(value, (dict, list)) and not names):
             raise ValueError(f"--trainer: {name!r} is not a plain field")
     return dataclasses.replace(config, **overrides)  # __post_init__ checks the values
 

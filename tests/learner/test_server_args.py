@@ -10,6 +10,7 @@ def test_plain_fields_are_replaced_and_checked():
     got = trainer_overrides(base, '{"imitation_steps": 0, "lr": 1e-5}')
     assert (got.imitation_steps, got.lr, got.seed) == (0, 1e-5, 3)
     assert trainer_overrides(base, "{}") == base
+    assert trainer_overrides(base, '{"frozen": ["encoders"]}').frozen == ("encoders",)
 
 
 @pytest.mark.parametrize("text,match", [
@@ -17,6 +18,8 @@ def test_plain_fields_are_replaced_and_checked():
     ("[1, 2]", "JSON object"),
     ('{"imitation_stepz": 0}', "no field 'imitation_stepz'"),
     ('{"verifier": {"every": 0}}', "not a plain field"),
+    ('{"lr": [1e-5]}', "not a plain field"),
+    ('{"frozen": [1]}', "not a plain field"),
 ])
 def test_bad_overrides_name_what_is_wrong(text, match):
     with pytest.raises(ValueError, match=match):
