@@ -192,3 +192,8 @@ def test_frozen_modules_keep_their_cloned_weights_while_the_rest_trains(setup):
     assert "mean_head.weight" in moved and "trunk.0.weight" in moved
     with pytest.raises(ValueError, match="'encoder' names no parameter.*encoders"):
         Trainer(store, registry, TrainerConfig(frozen=["encoder"]))
+    # () trains every module, the encoders too
+    trainer = Trainer(store, registry, TrainerConfig(frozen=(), lr=1e-3, epochs=1, minibatch=64))
+    trainer.train_on(good + bad)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in frozen)
