@@ -9,9 +9,9 @@ imitation steps per update, success bonus 1,000, gamma 0.9) gave 0.37 -> 0.42. L
 clone and take learner time that, at 3x, costs data dropped as too stale.
 
 The image encoders are frozen (``frozen``, since 2026-11-24): the cloned features stay put, and
-an update costs about a third less. Each of the first 15-minute fleets with them frozen climbed
-steadily (S = 0: 0.39 -> 0.62, S = 4: 0.41 -> 0.57, 3-minute blocks), where the same settings
-with the encoders trained ranged from -9 to +15 points and could unlearn a task.
+an update costs about a third less, so at 3x the learner keeps up with the robots. Three of
+four 15-minute fleets with them frozen climbed 10-22 points (3-minute blocks; the fourth lost
+3), where the same settings with the encoders trained ranged from -9 to +16.
 """
 from __future__ import annotations
 
