@@ -360,15 +360,17 @@ class Trainer(UpdateStep):
 
 def _freeze(model: ReferenceVLA, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
     """Stop the gradient to the parameters whose names start with one of ``prefixes`` (module
-    names, e.g. "encoders"); returns them. A prefix that names nothing is a typo: an error."""
+    names, e.g. "encoders"); returns them (once per prefix that matches them). A prefix that
+    names nothing is a typo: an error."""
     named = dict(model.named_parameters())
+    out = []
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in named):
+        mine = [p for n, p in named.items() if n == prefix or n.startswith(prefix + ".")]
+        if not mine:
             modules = sorted({n.split(".")[0] for n in named})
             raise ValueError(f"TrainerConfig.frozen: {prefix!r} names no parameter of the "
                              f"policy; its modules are {', '.join(modules)}")
-    out = [p for n, p in named.items()
-           if any(n == prefix or n.startswith(prefix + ".") for prefix in prefixes)]
+        out += mine
     for p in out:
         p.requires_grad_(False)
     return out

@@ -249,13 +249,15 @@ class Fleet:
     def observe(self, now: float) -> tuple[list[dict], dict]:
         statuses, stats = self.statuses(), self.learner_stats()
         t = now - self.t0
-        self.samples.append((t, sum(int(s.get("episodes", 0)) for s in statuses),
-                             sum(int(s.get("successes", 0)) for s in statuses)))
+        per_task = {task: [0, 0] for task in self.tasks}
+        for s in statuses:
+            acc = per_task.setdefault(s.get("task", "?"), [0, 0])
+            acc[0] += int(s.get("episodes", 0))
+            acc[1] += int(s.get("successes", 0))
         for task in self.tasks:
-            mine = [s for s in statuses if s.get("task") == task]
-            self.task_samples.setdefault(task, []).append(
-                (t, sum(int(s.get("episodes", 0)) for s in mine),
-                 sum(int(s.get("successes", 0)) for s in mine)))
+            self.task_samples.setdefault(task, []).append((t, *per_task[task]))
+        self.samples.append((t, sum(a[0] for a in per_task.values()),
+                             sum(a[1] for a in per_task.values())))
         v = int(stats.get("latest_version", 0))
         if v and (not self.publishes or v > self.publishes[-1][1]):
             self.publishes.append((round(t, 1), v))
