@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import os
 import pathlib
 import socket
@@ -35,8 +36,8 @@ from learner.distributed_group import (DistConfig, DistributedError, Distributed
 from learner.trainer import Trainer
 
 __all__ = ["DistConfig", "DistributedError", "DistributedTrainer", "Group", "Worker",
-           "add_arguments", "from_args", "trainer_class", "worker_main", "spawn_local",
-           "stop_local"]
+           "add_arguments", "from_args", "trainer_class", "worker_main", "exit_rank",
+           "spawn_local", "stop_local"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,6 +86,21 @@ def worker_main(config: DistConfig, data: str | pathlib.Path) -> int:
     except DistributedError as e:
         print(f"tether learner: {e}", file=sys.stderr)
         return 1
+
+
+def exit_rank(code: int):
+    """End a trainer rank's process (rank > 0) after ``worker_main``: its group is closed and
+    there is nothing left to write, so flush and leave without the interpreter's teardown. A
+    gloo rank's teardown at exit, after a clean STOP and destroy_process_group, once aborted in
+    CI ("terminate called without an active exception", SIGABRT) with all its work done; a
+    rank's exit status should say how its work ended, not how C++ destructors ran."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing to lose
+            pass
+    os._exit(code)
 
 
 # -- ranks started by rank 0 on this machine ---------------------------------------------------

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         print(f"tether learner: {e}", file=sys.stderr)
         return 2
     if dist_config.rank > 0:  # an extra trainer rank: no store, no service, no publishing
-        return distributed.worker_main(dist_config, data)
+        distributed.exit_rank(distributed.worker_main(dist_config, data))
     try:
         tls = tls_from_args(args)  # mutual TLS unless --insecure (learner/auth.py)
     except ValueError as e:

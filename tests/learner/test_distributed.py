@@ -2,6 +2,7 @@
 
 Each rank is its own process, as in a deployment; results come back through files.
 """
+import faulthandler
 import hashlib
 import json
 import multiprocessing
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from learner.distributed import DistConfig, DistributedTrainer, Group, Worker, free_port
+from learner.distributed import (DistConfig, DistributedTrainer, Group, Worker, exit_rank,
+                                 free_port)
 from learner.distributed_state import DistributedError, shard_bounds
 from learner.trainer import Trainer, TrainerConfig
 
@@ -110,8 +112,16 @@ def run_rank1(addr, root, timeout):
     (pathlib.Path(root) / "rank1.json").write_text(json.dumps(out))
 
 
+def as_rank(target, *args):
+    """A rank's process: a crash prints its Python stack, and a rank that finished exits as
+    `tether learner --rank` does (learner.distributed.exit_rank)."""
+    faulthandler.enable()
+    target(*args)
+    exit_rank(0)
+
+
 def start(target, *args):
-    p = SPAWN.Process(target=target, args=args, daemon=True)
+    p = SPAWN.Process(target=as_rank, args=(target, *args), daemon=True)
     p.start()
     return p
 
