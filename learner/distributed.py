@@ -90,10 +90,10 @@ def worker_main(config: DistConfig, data: str | pathlib.Path) -> int:
 
 def exit_rank(code: int):
     """End a trainer rank's process (rank > 0) after ``worker_main``: its group is closed and
-    there is nothing left to write, so flush and leave without the interpreter's teardown. A
-    gloo rank's teardown at exit, after a clean STOP and destroy_process_group, once aborted in
-    CI ("terminate called without an active exception", SIGABRT) with all its work done; a
-    rank's exit status should say how its work ended, not how C++ destructors ran."""
+    there is nothing left to write, so flush and leave without the interpreter's teardown, where
+    C++ threads and destructors can abort a finished process. A gloo rank once died in CI of
+    SIGABRT ("terminate called without an active exception"; docs/scale.md, Known limits); a
+    rank's exit status should say how its work ended."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
