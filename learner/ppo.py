@@ -61,6 +61,14 @@ def surrogate_loss(logp: torch.Tensor, logp_prox: torch.Tensor, advantages: torc
     return loss, r.detach(), clip_frac
 
 
+def anchor_kl(mean: torch.Tensor, anchor_mean: torch.Tensor, log_std: torch.Tensor,
+              row_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over chunks of KL(N(mean, s) || N(anchor_mean, s)) on the executed rows (row_mask
+    [B, H]), s = exp(log_std): half the squared distance of the means in units of the noise."""
+    z = (mean - anchor_mean) * torch.exp(-log_std)
+    return (0.5 * (z * z).sum(-1) * row_mask).sum(-1).mean()
+
+
 def imitation_loss(logp: torch.Tensor, rows: torch.Tensor, imitate: torch.Tensor) -> torch.Tensor:
     """Mean per-row negative log-likelihood of the chunks to imitate (zero if there are none)."""
     if not bool(imitate.any()):

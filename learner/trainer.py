@@ -27,6 +27,7 @@ minibatches), so data-parallel ranks with equal shards stay in lockstep (``after
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import pathlib
@@ -78,6 +79,9 @@ class Trainer(UpdateStep):
         self.spec = DecodeSpec.from_manifest(manifest, config_from_manifest(manifest))
         self.model = ReferenceVLA(self.spec.config)
         self.model.load_state_dict(ckpt["model"])
+        self.anchor: ReferenceVLA | None = None
+        if config.anchor_coef > 0:
+            self.anchor = copy.deepcopy(self.model).eval().requires_grad_(False)
         if config.explore_log_std is not None and not ckpt.get("optimizer"):
             with torch.no_grad():
                 self.model.log_std.clamp_(min=config.explore_log_std)
@@ -153,7 +157,8 @@ class Trainer(UpdateStep):
             ewma=self.proximal.ewma_state(), position=self.feed.position(self._ready, self._replay),
             train_steps=self.train_steps, new_since_publish=self._new_since_publish,
             imitation_optimizer=(self.imitation_optimizer.state_dict()
-                                 if self.imitation_optimizer is not None else None))
+                                 if self.imitation_optimizer is not None else None),
+            anchor=self.anchor.state_dict() if self.anchor is not None else None)
 
     def _resume(self, state: dict) -> None:
         unpack_rng(state, self._gen, self._rng)
@@ -163,6 +168,8 @@ class Trainer(UpdateStep):
         self._new_since_publish = int(state["new_since_publish"])
         self._ready, replay = self.feed.restore(state["position"])
         self._replay.extend(replay)
+        if self.anchor is not None and state.get("anchor"):  # where RL started, not this version
+            self.anchor.load_state_dict(state["anchor"])
         if self.imitation_optimizer is not None and state.get("imitation_optimizer"):
             self.imitation_optimizer.load_state_dict(state["imitation_optimizer"])
         if self.imitation is not None and replay:

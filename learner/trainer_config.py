@@ -44,6 +44,12 @@ class TrainerConfig:
     pg_coef: float = 1.0            # the decoupled-PPO policy gradient
     value_coef: float = 0.5
     bc_coef: float = 0.5            # imitation on successful episodes and human interventions
+    # a pull towards the policy RL started from (the anchor: the clone's means, kept from the
+    # version the trainer first loaded): per chunk, the KL between the current and the anchor's
+    # Gaussians at the current noise, over the executed rows. Without it, each update's noisy
+    # gradient moves the means a little, and over ~100 updates the walk leaves the clone
+    # (lab, noise fixed: 0.36 -> 0.15). 0 = off
+    anchor_coef: float = 0.0
     epochs: int = 4
     minibatch: int = 128
     # imitation on the aggregated set (learner/imitation.py: demonstrations, interventions, the
@@ -96,6 +102,7 @@ class TrainerConfig:
             "value_lr": self.value_lr >= 0, "gae_lambda": 0 <= self.gae_lambda <= 1, "clip": 0 < self.clip < 1,
             "max_is_ratio": self.max_is_ratio >= 1, "pg_coef": self.pg_coef >= 0,
             "value_coef": self.value_coef >= 0, "bc_coef": self.bc_coef >= 0,
+            "anchor_coef": self.anchor_coef >= 0,
             "epochs": self.epochs >= 1, "minibatch": self.minibatch >= 1,
             "imitation_lr": self.imitation_lr >= 0, "imitation_steps": self.imitation_steps >= 0,
             "imitation_batch": self.imitation_batch >= 1,

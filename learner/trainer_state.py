@@ -15,13 +15,13 @@ FORMAT = 1
 
 def pack_state(*, gen: torch.Generator, rng: np.random.Generator, ret: tuple, ewma: dict,
                position: dict, train_steps: int, new_since_publish: int,
-               imitation_optimizer: dict | None = None) -> dict:
+               imitation_optimizer: dict | None = None, anchor: dict | None = None) -> dict:
     mean, std, seen = ret
     return {"format": FORMAT, "torch_rng": gen.get_state().clone(),
             "numpy_rng": rng.bit_generator.state,
             "ret": [float(mean), float(std), bool(seen)], "ewma": ewma, "position": position,
             "train_steps": int(train_steps), "new_since_publish": int(new_since_publish),
-            "imitation_optimizer": imitation_optimizer}
+            "imitation_optimizer": imitation_optimizer, "anchor": anchor}
 
 
 def unpack_rng(state: dict, gen: torch.Generator, rng: np.random.Generator) -> None:

@@ -59,6 +59,17 @@ class UpdateStep:
                 out.append(self.model.policy_and_value(*part.inputs())[2])
         return torch.cat(out).double()
 
+    def _anchor_means(self, batch) -> torch.Tensor | None:
+        """The anchor policy's means on the batch ([N, H, A]), or None without an anchor."""
+        if self.anchor is None:
+            return None
+        mb, out = self.config.minibatch, []
+        with torch.no_grad():
+            for s in range(0, len(batch), mb):
+                part = batch.select(torch.arange(s, min(s + mb, len(batch))))
+                out.append(self.anchor(*part.inputs())[0])
+        return torch.cat(out)
+
     def train_on(self, records: list[pb.ChunkRecord]) -> dict:
         """One update on the given episodes' records; returns (and logs) its metrics."""
         c = self.config
@@ -90,6 +101,7 @@ class UpdateStep:
             group["lr"] = base * (ess if c.ess_scaled_lr and scaled else 1.0)
         successful = [any(r.success for r in ep) for ep in episodes]
         rows = batch.row_mask.sum(-1).clamp(min=1.0)
+        anchor_means = self._anchor_means(batch)
         sums = collections.defaultdict(float)
         steps = 0
         for _ in range(c.epochs):
@@ -107,6 +119,11 @@ class UpdateStep:
                 value_loss = torch.nn.functional.mse_loss(v.double(), returns_n[idx])
                 bc = ppo.imitation_loss(logp, rows[idx], imitate[idx])
                 loss = c.pg_coef * pg + c.value_coef * value_loss + c.bc_coef * bc
+                if anchor_means is not None:
+                    anchor = ppo.anchor_kl(mean, anchor_means[idx], log_std.detach(),
+                                           part.row_mask)
+                    loss = loss + c.anchor_coef * anchor
+                    sums["loss_anchor"] += anchor.item()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.after_backward is not None:  # data-parallel: average the gradients
