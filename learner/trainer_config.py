@@ -48,7 +48,8 @@ class TrainerConfig:
     # version the trainer first loaded): per chunk, the KL between the current and the anchor's
     # Gaussians at the current noise, over the executed rows. Without it, each update's noisy
     # gradient moves the means a little, and over ~100 updates the walk leaves the clone
-    # (lab, noise fixed: 0.36 -> 0.15). 0 = off
+    # (lab, noise fixed: 0.36 -> 0.12). It held the lab's gains over 150 updates but slowed a
+    # 15-minute fleet (docs/learner.md, "The anchor"). 0 = off
     anchor_coef: float = 0.0
     epochs: int = 4
     minibatch: int = 128
