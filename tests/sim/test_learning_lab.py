@@ -26,3 +26,27 @@ def test_with_a_verifier_the_learner_ships_a_scorer_that_the_robots_then_run(tmp
     assert rows[0]["candidates"] == 1  # version 1 (the pretrained one) ships no scorer
     assert rows[1]["candidates"] == 8  # version 2 ships the scorer trained on iteration 0
     assert "scorer" in rows[0] and -1 <= rows[0]["scorer"]["calib_adv_corr"] <= 1
+
+
+@pytest.mark.timeout(600)
+def test_record_samples_keeps_the_policys_samples_beyond_the_bounds_the_envelope_saturates():
+    import numpy as np
+
+    from learner.pretrain import ensure_pretrained
+    from runtime import tensors
+    from runtime.clock import VirtualClock
+    from sim.metaworld_robot import MetaWorldRobot
+    artifact = ensure_pretrained(DEFAULT_TASKS, ".tether-cache/pretrained", seed=0)
+    peaks = {}
+    for samples in (False, True):
+        clock = VirtualClock()
+        robot = MetaWorldRobot("door-open-v3", seed=3, clock=clock, max_steps=60)
+        try:
+            records, outcomes = learning_lab.rollout(artifact, robot, clock, "door-open-v3", 1,
+                                                     seed=5, record_samples=samples)
+        finally:
+            robot.close()
+        assert len(outcomes) == 1 and records
+        peaks[samples] = max(float(np.abs(tensors.from_proto(r.actions)).max()) for r in records)
+    assert peaks[False] <= 1.0 + 1e-6  # executed commands: within the action bounds
+    assert peaks[True] > 1.0  # door-open's gripper saturates: the samples go beyond
