@@ -67,6 +67,11 @@ class Batch:
         return Batch({k: v[idx] for k, v in self.images.items()},
                      *(getattr(self, f.name)[idx] for f in dataclasses.fields(self)[1:]))
 
+    def parts(self, size: int):
+        """Consecutive sub-batches of at most ``size`` records, in order (for no-grad passes)."""
+        for s in range(0, len(self), size):
+            yield self.select(torch.arange(s, min(s + size, len(self))))
+
 
 def check_record(r: pb.ChunkRecord, spec: DecodeSpec) -> str | None:
     """Why this (store-valid) record cannot train this model, or None if it can."""

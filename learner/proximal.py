@@ -30,8 +30,7 @@ def batch_log_probs(model: ReferenceVLA, batch: Batch, minibatch: int) -> torch.
     """[B] float64 log-probabilities of the executed rows under ``model`` (no grad)."""
     out = []
     with torch.no_grad():
-        for s in range(0, len(batch), minibatch):
-            part = batch.select(torch.arange(s, min(s + minibatch, len(batch))))
+        for part in batch.parts(minibatch):
             mean, log_std, _ = model(*part.inputs())
             out.append(gaussian_log_prob(mean, log_std, part.actions, part.row_mask,
                                          model.config.row_correlation))

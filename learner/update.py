@@ -52,23 +52,17 @@ class UpdateStep:
         return np.asarray(out, np.float64)
 
     def _values(self, batch) -> torch.Tensor:
-        mb, out = self.config.minibatch, []
         with torch.no_grad():
-            for s in range(0, len(batch), mb):
-                part = batch.select(torch.arange(s, min(s + mb, len(batch))))
-                out.append(self.model.policy_and_value(*part.inputs())[2])
-        return torch.cat(out).double()
+            return torch.cat([self.model.policy_and_value(*part.inputs())[2]
+                              for part in batch.parts(self.config.minibatch)]).double()
 
     def _anchor_means(self, batch) -> torch.Tensor | None:
         """The anchor policy's means on the batch ([N, H, A]), or None without an anchor."""
         if self.anchor is None:
             return None
-        mb, out = self.config.minibatch, []
         with torch.no_grad():
-            for s in range(0, len(batch), mb):
-                part = batch.select(torch.arange(s, min(s + mb, len(batch))))
-                out.append(self.anchor(*part.inputs())[0])
-        return torch.cat(out)
+            return torch.cat([self.anchor(*part.inputs())[0]
+                              for part in batch.parts(self.config.minibatch)])
 
     def train_on(self, records: list[pb.ChunkRecord]) -> dict:
         """One update on the given episodes' records; returns (and logs) its metrics."""

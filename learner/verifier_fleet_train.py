@@ -61,8 +61,7 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
     batch = decode(flat, spec)
     feats, means, stds, values = [], [], [], []
     with torch.no_grad():
-        for s in range(0, len(batch), minibatch):
-            part = batch.select(torch.arange(s, min(s + minibatch, len(batch))))
+        for part in batch.parts(minibatch):
             mean, log_std, f = model(*part.inputs())
             _, _, v = model.policy_and_value(*part.inputs())
             feats.append(f)
