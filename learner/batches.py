@@ -2,8 +2,13 @@
 
 Images HxWxC uint8 -> CxHxW float32 in [0, 1]; state normalized with the manifest's
 state_mean/state_std; instruction tokens from the manifest's tokenizer; prefix/prefix_len as
-recorded. Executed actions are scattered into their chunk rows (``offsets``) with a row mask, so
-the log-probability of exactly the executed rows can be taken under a full [H, A] Gaussian.
+recorded. The executed rows' actions are scattered into their chunk rows (``offsets``) with a
+row mask, so the log-probability of exactly the executed rows can be taken under a full [H, A]
+Gaussian. ``actions`` holds the rows the policy proposed (``policy_actions``: before the safety
+envelope saturated or rate-limited them), which is what the behaviour probability was taken of
+and what a policy gradient needs; ``executed`` holds what the robot did, which imitation copies.
+A record without ``policy_actions`` (an operator's, or from a robot before the field) has the
+executed rows in both.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ class Batch:
     tokens: torch.Tensor    # [B, L] int64
     prefix: torch.Tensor    # [B, H, A]
     prefix_len: torch.Tensor  # [B] int64
-    actions: torch.Tensor   # [B, H, A] executed rows at their offsets, zeros elsewhere
+    actions: torch.Tensor   # [B, H, A] the policy's rows at the executed offsets, zeros elsewhere
+    executed: torch.Tensor  # [B, H, A] the executed actions at their offsets, zeros elsewhere
     row_mask: torch.Tensor  # [B, H] 1 on executed rows
     behaviour_log_prob: torch.Tensor  # [B] float64 as recorded
     policy_version: torch.Tensor      # [B] int64
@@ -84,7 +90,8 @@ def check_record(r: pb.ChunkRecord, spec: DecodeSpec) -> str | None:
             return f"camera {cam!r} image shape {shape}, model wants {(*c.image_hw, c.channels)}"
     if tuple(r.observation.state.shape) != (c.state_dim,):
         return f"state shape {tuple(r.observation.state.shape)}, model wants ({c.state_dim},)"
-    if tuple(r.actions.shape[1:]) != (c.action_dim,):
+    if tuple(r.actions.shape[1:]) != (c.action_dim,) or (
+            r.HasField("policy_actions") and tuple(r.policy_actions.shape) != tuple(r.actions.shape)):
         return f"action dim {tuple(r.actions.shape)}, model wants [n, {c.action_dim}]"
     if r.offsets and max(r.offsets) >= c.horizon:
         return f"offsets {list(r.offsets)} beyond horizon {c.horizon}"
@@ -103,6 +110,7 @@ def decode(records: list[pb.ChunkRecord], spec: DecodeSpec) -> Batch:
     prefix = np.zeros((b, h, a), np.float32)
     prefix_len = np.zeros(b, np.int64)
     actions = np.zeros((b, h, a), np.float32)
+    executed = np.zeros((b, h, a), np.float32)
     row_mask = np.zeros((b, h), np.float32)
     token_cache: dict[str, np.ndarray] = {}
     for i, r in enumerate(records):
@@ -117,12 +125,14 @@ def decode(records: list[pb.ChunkRecord], spec: DecodeSpec) -> Batch:
             prefix[i] = from_proto(r.prefix)
             prefix_len[i] = r.prefix_len
         offsets = np.asarray(r.offsets, np.int64)
-        actions[i, offsets] = from_proto(r.actions)
+        executed[i, offsets] = from_proto(r.actions)
+        actions[i, offsets] = (from_proto(r.policy_actions) if r.HasField("policy_actions")
+                               else executed[i, offsets])
         row_mask[i, offsets] = 1.0
     return Batch(
         images={k: torch.from_numpy(v) for k, v in images.items()},
         state=torch.from_numpy(state), tokens=torch.from_numpy(tokens),
         prefix=torch.from_numpy(prefix), prefix_len=torch.from_numpy(prefix_len),
-        actions=torch.from_numpy(actions), row_mask=torch.from_numpy(row_mask),
+        actions=torch.from_numpy(actions), executed=torch.from_numpy(executed), row_mask=torch.from_numpy(row_mask),
         behaviour_log_prob=torch.tensor([r.behaviour_log_prob for r in records], dtype=torch.float64),
         policy_version=torch.tensor([r.policy_version for r in records], dtype=torch.int64))

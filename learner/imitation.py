@@ -127,7 +127,7 @@ class ImitationSet:
             self._fleet["tokens"][j] = batch.tokens[i].numpy()
             d = int(batch.prefix_len[i])
             executed = batch.row_mask[i].numpy() > 0
-            target = batch.actions[i].numpy().copy()
+            target = batch.executed[i].numpy().copy()  # what the robot did, within bounds
             target[:d] = batch.prefix[i, :d].numpy()
             valid = executed | (rows < d)
             # the target must run from row 0 without a gap: a prefix then the executed rows

@@ -138,6 +138,17 @@ def _check_structure(r: pb.ChunkRecord, floats: list) -> tuple:
             raise ValueError(f"{len(offsets)} offsets for {n} executed actions; need one per "
                              f"action")
         raise ValueError(f"offsets {offsets} must be >= 0 and strictly increasing")
+    if r.HasField("policy_actions"):
+        proposed = r.policy_actions
+        q_dtype, q_data = proposed.dtype, proposed.data
+        if not (q_dtype == a_dtype and proposed.shape == a_shape and len(q_data) == len(a_data)):
+            _shape("policy_actions", proposed, None)
+            raise ValueError(f"policy_actions is {q_dtype} {tuple(proposed.shape)}; expected "
+                             f"{a_dtype} {(n, a_dim)}, the shape of actions")
+        if r.human_intervention:
+            raise ValueError("a human-intervention record carries policy_actions; an "
+                             "operator's rows are not the policy's")
+        floats.append(("policy_actions", q_dtype, q_data))
     prefix_len = r.prefix_len
     if r.HasField("prefix"):
         prefix = r.prefix

@@ -206,7 +206,7 @@ class ControlLoop:
         held = ""
         if slot is None or obs is None:
             held = self._held_why(slot, refused)
-            chunk, offset = None, 0
+            chunk, offset, action = None, 0, None
             command = self.description.hold_action(self._last_cmd)
         else:
             chunk, offset, action = slot
@@ -229,7 +229,8 @@ class ControlLoop:
                             action=self.from_command(safe), clamped=clamped and not operator,
                             reward=float(result.reward), terminated=bool(result.terminated),
                             truncated=bool(result.truncated), success=bool(result.success),
-                            held=held, operator=operator, observation=obs if operator else None)
+                            held=held, operator=operator, observation=obs if operator else None,
+                            policy_action=None if operator else action)
         if self.on_tick is not None:
             self.on_tick(record)
         if record.terminated or record.truncated:

@@ -3,9 +3,13 @@ and hands them to the spool.
 
 A span is the run of consecutive ticks executed from one chunk. When the executing chunk changes
 (or the episode ends) the span becomes one record: the chunk's observation, the actions actually
-executed (post-merge, post-envelope, normalized), their offsets inside the chunk, the behaviour
-log-probability of exactly those rows under the chunk's Gaussian, the summed reward and the done
-flags of the span's last tick. Hold ticks (no chunk: an underrun) belong to the span they
+executed (post-merge, post-envelope, normalized), their offsets inside the chunk, the rows the
+policy proposed for those ticks before the envelope saturated or rate-limited them
+(``policy_actions``), the behaviour log-probability of exactly those proposed rows under the
+chunk's Gaussian, the summed reward and the done flags of the span's last tick. The learner's
+policy gradient needs the proposed rows: an executed row pinned at a bound is not a sample of
+the chunk's Gaussian, and treating it as one biases every update (README, "The recorded actions
+bias the learning signal"). Hold ticks (no chunk: an underrun) belong to the span they
 interrupt; hold ticks before the episode's first chunk go to the first record.
 
 Ticks a human operator drove (``TickRecord.operator``: a teleoperation takeover) become
@@ -53,6 +57,7 @@ class _Span:
         self.operator = operator  # the operator's ticks: rows 0, 1, ... of ``chunk``'s shape
         self.start_tick = tick
         self.actions: list[np.ndarray] = []
+        self.proposed: list[np.ndarray] = []
         self.offsets: list[int] = []
         self.reward = held_reward
         self.underrun = held
@@ -67,6 +72,8 @@ class _Span:
             self.underrun += 1
         else:
             self.actions.append(np.asarray(t.action, np.float32))
+            self.proposed.append(np.asarray(t.action if t.policy_action is None
+                                            else t.policy_action, np.float32))
             self.offsets.append(int(t.offset))
         self.clamped += int(intervened)
         self.reward += float(t.reward)
@@ -212,6 +219,7 @@ class Recorder:
         actions = (np.stack(span.actions) if span.actions
                    else np.zeros((0, a_dim), np.float32)).astype(np.float32)
         offsets = np.asarray(span.offsets, np.int64)
+        proposed = (np.stack(span.proposed).astype(np.float32) if span.proposed else None)
         v = c.verdict
         last = span.last
         return pb.ChunkRecord(
@@ -221,9 +229,10 @@ class Recorder:
             prefix=tensors.to_proto(np.asarray(c.prefix, np.float32)), prefix_len=int(c.prefix_len),
             actions=tensors.to_proto(actions), offsets=[int(o) for o in offsets],
             # an operator's rows have no behaviour probability under the policy
-            behaviour_log_prob=(0.0 if span.operator
-                                else gaussian_log_prob(c.mean, c.log_std, actions, offsets,
+            behaviour_log_prob=(0.0 if proposed is None
+                                else gaussian_log_prob(c.mean, c.log_std, proposed, offsets,
                                                        c.row_correlation)),
+            policy_actions=None if proposed is None else tensors.to_proto(proposed),
             human_intervention=span.operator,
             reward=span.reward, terminated=bool(last.terminated), truncated=bool(last.truncated),
             success=bool(last.success),

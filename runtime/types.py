@@ -49,7 +49,8 @@ class TickRecord:
     chunk was ready in time), "verifier" (the verifier vetoed every candidate of the latest
     inference and nothing was left to run) or "observation" (the observation check refused the
     observation). ``action`` is the command actually sent, mapped back into the normalized action
-    space; ``clamped`` says whether the envelope changed it.
+    space; ``clamped`` says whether the envelope changed it. ``policy_action``: the queued action
+    the envelope received (normalized, the policy's own row), None on a hold or an operator's tick.
 
     ``operator``: a human operator drove this tick (``StepResult.operator``); ``action`` is then
     the operator's command and ``observation`` what the robot observed before it (the recorder
@@ -67,3 +68,4 @@ class TickRecord:
     held: str = ""
     operator: bool = False
     observation: Observation | None = None
+    policy_action: np.ndarray | None = None

@@ -44,42 +44,24 @@ class _Sink:
         self.records.extend(batch)
 
 
-def envelope_for(desc, record_samples: bool = False):
-    """The robot's safety envelope; with ``record_samples`` one that sends the policy's command
-    as it is (the sim robot still clips it to its action bounds when it steps), so the recorder
-    keeps the policy's own samples rather than the saturated or rate-limited commands executed:
-    an experiment on the learning signal (README, "The recorded actions"), never a robot's."""
-    import numpy as np
-
-    from verifier.envelope import Envelope
-
-    class PassThrough(Envelope):
-        def apply(self, command, last_command=None, state=None):
-            self.commands += 1
-            self.last_intervention = 0.0
-            return np.asarray(command, np.float32).reshape(-1), False, ()
-
-    return PassThrough(desc) if record_samples else Envelope(desc)
-
-
 def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
             max_steps: int = MAX_STEPS, temperature: float = 1.0,
-            verifier: dict | None = None, record_samples: bool = False) -> tuple[list, list]:
+            verifier: dict | None = None) -> tuple[list, list]:
     """(records, outcomes) of ``episodes`` episodes; an outcome is None for a watched episode.
     ``verifier``: ``SchedulerConfig`` fields; the robot then runs the scorer the version ships
-    (as ``tether robot`` does), else only the gate's invariants. ``record_samples``: see
-    ``envelope_for``."""
+    (as ``tether robot`` does), else only the gate's invariants."""
     from runtime.chunks import ActionQueue
     from runtime.control import ControlLoop
     from runtime.inference import InferenceWorker
     from runtime.policy import PolicyRunner
     from runtime.recorder import Recorder
+    from verifier.envelope import Envelope
     from verifier.gate import ChunkGate
 
     policy = PolicyRunner(artifact, seed=seed, temperature=temperature)
     desc = robot.describe()
     rate = policy.manifest.control_rate_hz or desc.control_rate_hz
-    queue, envelope = ActionQueue(policy.action_dim), envelope_for(desc, record_samples)
+    queue, envelope = ActionQueue(policy.action_dim), Envelope(desc)
     gate = ChunkGate(envelope)
     if verifier is not None:
         from verifier.scheduler import SchedulerConfig, VerifierScheduler
@@ -112,8 +94,7 @@ def rollout(artifact, robot, clock, task: str, episodes: int, seed: int,
 def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | None = None,
         supervision: float = 0.0, seed: int = 0, cache_dir: str = ".tether-cache/pretrained",
         work_dir=None, log=print, pretrain: dict | None = None,
-        temperature: float = 1.0, verifier: dict | None = None,
-        record_samples: bool = False) -> list[dict]:
+        temperature: float = 1.0, verifier: dict | None = None) -> list[dict]:
     """One JSON-able row per iteration: per-task success of the unwatched episodes, counts,
     and the update's metrics. ``temperature`` scales the robots' sampling noise (a robot's
     ``--temperature``; 0 = the mean). ``verifier``: the robots' ``SchedulerConfig`` fields; the
@@ -158,8 +139,7 @@ def run(iterations: int, episodes: int, tasks=DEFAULT_TASKS, trainer: dict | Non
                 recs, outcomes = rollout(registry.artifact_dir(version), robots[task],
                                          clocks[task], task, episodes,
                                          seed=seed * 7919 + it * 101 + i,
-                                         temperature=temperature, verifier=verifier,
-                                         record_samples=record_samples)
+                                         temperature=temperature, verifier=verifier)
                 records += recs
                 own = [o for o in outcomes if o is not None]
                 row["tasks"][task] = {"episodes": len(own), "successes": int(sum(own)),
@@ -210,9 +190,6 @@ def main(argv=None) -> int:
                    help="run the shipped scorer on the robots with these SchedulerConfig fields, "
                         "as JSON (e.g. '{\"selection\": \"rank\", \"advantage_weight\": 1}'), "
                         "and retrain it at every publish")
-    p.add_argument("--record-samples", action="store_true",
-                   help="an experiment: the robots record the policy's samples, not the commands "
-                        "the envelope let through (saturated at the bounds, rate-limited)")
     p.add_argument("--out", default=None, help="write one JSON line per iteration here")
     a = p.parse_args(argv)
     tasks = tuple(t for t in a.tasks.split(",") if t) or DEFAULT_TASKS
@@ -226,8 +203,7 @@ def main(argv=None) -> int:
 
     rows = run(a.iterations, a.episodes, tasks, json.loads(a.trainer), a.supervision, a.seed,
                log=log, pretrain=json.loads(a.pretrain), temperature=a.temperature,
-               verifier=None if a.verifier is None else json.loads(a.verifier),
-               record_samples=a.record_samples)
+               verifier=None if a.verifier is None else json.loads(a.verifier))
     for start in range(0, len(rows), 10):
         block = rows[start:start + 10]
         n = sum(t["episodes"] for r in block for t in r["tasks"].values())

@@ -47,9 +47,11 @@ def simple_record(robot="r1", episode="e1", seq=0, *, n=2, reward=0.0, done=Fals
 
 def policy_episode(session, manifest, robot: str, episode: str, rewards: list[float], *,
                    seed: int, version: int = 1, success: bool = False, first_seq: int = 0,
-                   executed: int = 4) -> list[pb.ChunkRecord]:
+                   executed: int = 4, bound: float | None = None) -> list[pb.ChunkRecord]:
     """An episode whose actions are sampled from the ONNX policy like a robot would: each chunk
-    after the first continues the previous one (prefix of d committed rows, offsets d..d+n-1)."""
+    after the first continues the previous one (prefix of d committed rows, offsets d..d+n-1).
+    ``bound``: an envelope saturates the executed actions at +-bound, and the records keep the
+    samples as ``policy_actions`` (as a robot's recorder does)."""
     rng = np.random.default_rng(seed)
     h, a = manifest.horizon, manifest.action_dim
     mean_s = np.asarray(manifest.normalization["state_mean"], np.float32)
@@ -72,14 +74,15 @@ def policy_episode(session, manifest, robot: str, episode: str, rewards: list[fl
         chunk[:d] = prefix[:d]
         offsets = np.arange(d, d + executed)
         actions = chunk[offsets]
+        sent = actions if bound is None else np.clip(actions, -bound, bound)
         last = i == len(rewards) - 1
         records.append(pb.ChunkRecord(
             robot_id=robot, episode_id=episode, seq=first_seq + i, policy_version=version,
             task="push", observation=pb.Observation(
                 images={"front": to_proto(image)}, state=to_proto(state),
                 instruction="push the puck", timestamp=0.1 * i),
-            prefix=to_proto(prefix), prefix_len=d, actions=to_proto(actions),
-            offsets=offsets.tolist(),
+            prefix=to_proto(prefix), prefix_len=d, actions=to_proto(sent),
+            policy_actions=None if bound is None else to_proto(actions), offsets=offsets.tolist(),
             behaviour_log_prob=gaussian_log_prob(mean[0], log_std[0], actions, offsets),
             reward=reward, terminated=last and success, truncated=last and not success,
             success=last and success))

@@ -89,10 +89,27 @@ def _nan_state(r):
     r.observation.state.data = np.full(4, np.nan, np.float32).tobytes()
 
 
+def _policy_rows_short(r):
+    r.policy_actions.CopyFrom(r.actions)
+    r.policy_actions.shape[0] -= 1
+    r.policy_actions.data = r.policy_actions.data[:-16]
+
+
+def _nan_policy_rows(r):
+    r.policy_actions.CopyFrom(r.actions)
+    r.policy_actions.data = np.full(8, np.nan, np.float32).tobytes()
+
+
+def _operator_with_policy_rows(r):
+    r.policy_actions.CopyFrom(r.actions)
+    r.human_intervention = True
+
+
 @pytest.mark.parametrize("corrupt,words", [
     (_bad_tensor, "bytes"), (_nan_reward, "reward"), (_wrong_shape, "actions"),
     (_offsets_mismatch, "offsets"), (_empty_episode, "episode_id"), (_other_robot, "robot_id"),
-    (_nan_state, "state")])
+    (_nan_state, "state"), (_policy_rows_short, "policy_actions .*the shape of actions"),
+    (_nan_policy_rows, "policy_actions holds NaN"), (_operator_with_policy_rows, "operator")])
 def test_invalid_batch_is_refused_whole(tmp_path, corrupt, words):
     store = ExperienceStore(tmp_path / "store")
     recs = [simple_record(seq=i) for i in range(3)]
@@ -101,6 +118,18 @@ def test_invalid_batch_is_refused_whole(tmp_path, corrupt, words):
         store.append(batch(recs))
     assert "record 1" in str(e.value)
     assert store.count() == 0
+
+
+def test_the_policys_rows_are_stored_next_to_the_executed_ones(tmp_path):
+    store = ExperienceStore(tmp_path / "store")
+    recs = [simple_record(seq=i) for i in range(2)]
+    rows = np.clip(np.frombuffer(recs[0].actions.data, np.float32) * 3, -5, 5)
+    recs[0].policy_actions.CopyFrom(recs[0].actions)
+    recs[0].policy_actions.data = rows.astype(np.float32).tobytes()
+    store.append(batch(recs))
+    back = [r for _, r in store.read(0, 10)]
+    assert back == recs and back[0].HasField("policy_actions")
+    assert not back[1].HasField("policy_actions")
 
 
 def _records(n, episode="e1", robot="r1", first=0, done_at=None):

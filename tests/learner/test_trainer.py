@@ -51,6 +51,22 @@ def test_first_ratio_is_one_and_policy_gradient_favours_positive_advantages(setu
     assert (logp(trainer, bad) - before_bad).mean() < 0
 
 
+def test_the_update_weighs_the_policys_rows_not_the_commands_the_envelope_saturated(setup):
+    """Executed rows pinned at a bound are not samples of the chunk's Gaussian: the learner
+    takes its probabilities of the recorded policy rows, so the first ratios are still 1."""
+    store, registry, manifest, session = setup
+    good = policy_episode(session, manifest, "r1", "good", [1.0] * 6, seed=1, success=True,
+                          bound=0.05)
+    b = decode(good, Trainer(store, registry, TrainerConfig()).spec)
+    rows = b.row_mask > 0
+    assert b.executed[rows].abs().max() <= 0.05 < b.actions[rows].abs().max()
+    trainer = Trainer(store, registry, TrainerConfig(epochs=1, minibatch=64))
+    np.testing.assert_allclose(logp(trainer, good).numpy(),
+                               [r.behaviour_log_prob for r in good], atol=2e-4)
+    m = trainer.train_on(good)
+    assert abs(m["ratio_start"] - 1) < 1e-3 and m["masked_frac"] == 0
+
+
 def test_behaviour_weights_above_the_threshold_are_masked(setup):
     store, registry, manifest, session = setup
     good, bad = episodes(session, manifest)

@@ -93,6 +93,33 @@ def test_spans_become_records_with_exact_log_prob(tmp_path):
     assert r1.prefix_len == 2 and tensors.from_proto(r1.prefix).shape == (H, A)
 
 
+def test_records_keep_the_policys_rows_and_weigh_them_not_the_enveloped_commands(tmp_path):
+    """The envelope saturated or rate-limited the executed command; the record keeps the row
+    the policy proposed next to it, and the behaviour probability is that row's."""
+    import dataclasses
+    rng = np.random.default_rng(4)
+    spool = Spool(tmp_path, "r1")
+    rec = Recorder(spool, "r1", "t", batch_records=100, background=False)
+    rec.start_episode()
+    c1 = _chunk(1, 0, rng)
+    proposed = (c1.mean[:3] + 0.3 * rng.normal(size=(3, A))).astype(np.float32)
+    ticks = [dataclasses.replace(_tick(i, c1, i, rng, terminated=i == 2), clamped=True,
+                                 action=np.clip(proposed[i], -0.2, 0.2), policy_action=proposed[i])
+             for i in range(3)]
+    for t in ticks:
+        rec.on_tick(t)
+    rec.end_episode()
+    (r,) = _all_records(spool)
+    executed = tensors.from_proto(r.actions)
+    assert np.array_equal(executed, np.clip(proposed, -0.2, 0.2))
+    assert np.array_equal(tensors.from_proto(r.policy_actions), proposed)
+    offsets = np.arange(3)
+    assert r.behaviour_log_prob == pytest.approx(
+        gaussian_log_prob(c1.mean, c1.log_std, proposed, offsets), rel=1e-12)
+    assert r.behaviour_log_prob != pytest.approx(
+        gaussian_log_prob(c1.mean, c1.log_std, executed, offsets), rel=1e-3)
+
+
 def test_underrun_ticks_are_attributed(tmp_path):
     rng = np.random.default_rng(1)
     spool = Spool(tmp_path, "r1")
@@ -207,6 +234,7 @@ def test_operator_ticks_become_human_intervention_records(tmp_path):
     assert np.array_equal(tensors.from_proto(h2.observation.state), op1[H].observation.state)
     assert h1.prefix_len == 0 and tensors.from_proto(h1.prefix).shape == (H, A)
     assert h1.behaviour_log_prob == 0.0 and h1.policy_version == c1.policy_version
+    assert not h1.HasField("policy_actions") and own.HasField("policy_actions")
     assert (h1.reward, h1.start_tick) == (0.5 * H, 2)
     assert list(again.offsets) == [3] and not again.human_intervention
     assert h3.terminated and h3.success and list(h3.offsets) == [0, 1]
