@@ -90,8 +90,7 @@ def check_record(r: pb.ChunkRecord, spec: DecodeSpec) -> str | None:
             return f"camera {cam!r} image shape {shape}, model wants {(*c.image_hw, c.channels)}"
     if tuple(r.observation.state.shape) != (c.state_dim,):
         return f"state shape {tuple(r.observation.state.shape)}, model wants ({c.state_dim},)"
-    if tuple(r.actions.shape[1:]) != (c.action_dim,) or (
-            r.HasField("policy_actions") and tuple(r.policy_actions.shape) != tuple(r.actions.shape)):
+    if tuple(r.actions.shape[1:]) != (c.action_dim,):
         return f"action dim {tuple(r.actions.shape)}, model wants [n, {c.action_dim}]"
     if r.offsets and max(r.offsets) >= c.horizon:
         return f"offsets {list(r.offsets)} beyond horizon {c.horizon}"
@@ -133,6 +132,7 @@ def decode(records: list[pb.ChunkRecord], spec: DecodeSpec) -> Batch:
         images={k: torch.from_numpy(v) for k, v in images.items()},
         state=torch.from_numpy(state), tokens=torch.from_numpy(tokens),
         prefix=torch.from_numpy(prefix), prefix_len=torch.from_numpy(prefix_len),
-        actions=torch.from_numpy(actions), executed=torch.from_numpy(executed), row_mask=torch.from_numpy(row_mask),
+        actions=torch.from_numpy(actions), executed=torch.from_numpy(executed),
+        row_mask=torch.from_numpy(row_mask),
         behaviour_log_prob=torch.tensor([r.behaviour_log_prob for r in records], dtype=torch.float64),
         policy_version=torch.tensor([r.policy_version for r in records], dtype=torch.int64))

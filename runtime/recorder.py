@@ -9,7 +9,7 @@ policy proposed for those ticks before the envelope saturated or rate-limited th
 chunk's Gaussian, the summed reward and the done flags of the span's last tick. The learner's
 policy gradient needs the proposed rows: an executed row pinned at a bound is not a sample of
 the chunk's Gaussian, and treating it as one biases every update (README, "The recorded actions
-bias the learning signal"). Hold ticks (no chunk: an underrun) belong to the span they
+biased the learning signal"). Hold ticks (no chunk: an underrun) belong to the span they
 interrupt; hold ticks before the episode's first chunk go to the first record.
 
 Ticks a human operator drove (``TickRecord.operator``: a teleoperation takeover) become
