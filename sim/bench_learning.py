@@ -9,9 +9,12 @@ any speed (at 3x, 48 episodes are ten seconds of the fleet and +-0.07 of binomia
 ``start_success`` is the first full window (the BC policy, mostly version 1), ``final_success``
 the last window before the robots stop.
 
-Tasks (``LEARNING_TASKS``): the BC policy's fleet success, measured with
-``tether fleet --robots 6 --minutes 2 --no-train --canary-fraction 0`` (stochastic sampling as
-the robots run it): reach-v3 51%, push-v3 20%, door-open-v3 68% (48% overall) -- see the README.
+Tasks (``LEARNING_TASKS``, cloned with ``LEARNING_PRETRAIN``): the goal asks for tasks where the
+behaviour-cloned policy succeeds 20-60 % of the time, each of them. The default robot tasks
+(reach, push, door-open) do not qualify one by one (push starts near 0.1, door-open near 0.8);
+reach-v3, lever-pull-v3 and dial-turn-v3 cloned for 500 steps start at about 0.2, 0.45 and 0.3
+with the robots' sampled actions (``python -m sim.learning_lab``, 100 episodes a task; the
+README's learning section has the screening).
 
 ``.venv/bin/python -m sim.bench_learning --staleness 0 --minutes 2 --robots 4``
 """
@@ -23,10 +26,8 @@ import pathlib
 import sys
 import tempfile
 
-from sim.tasks import DEFAULT_TASKS
-
-LEARNING_TASKS: tuple[str, ...] = DEFAULT_TASKS
-LEARNING_PRETRAIN: dict = {}
+LEARNING_TASKS: tuple[str, ...] = ("reach-v3", "lever-pull-v3", "dial-turn-v3")
+LEARNING_PRETRAIN: dict = {"steps": 500}
 WINDOW_EPISODES = 48
 BLOCK_S = 180.0  # per-task and whole-fleet success in blocks of this much wall time
 PUBLISH_INTERVAL_S = 10.0

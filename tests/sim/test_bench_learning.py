@@ -47,3 +47,19 @@ def test_block_success_splits_wall_time_into_blocks():
     samples = [[10.0, 4, 1], [170.0, 10, 5], [200.0, 12, 5], [350.0, 20, 13]]
     blocks = block_success(samples, 180.0, 540.0)
     assert blocks == [[180.0, 0.5, 10], [360.0, 0.8, 10], [540.0, None, 0]]
+
+
+def test_the_learning_tasks_and_their_clone_settings_are_valid():
+    """The benchmark's tasks and pretraining overrides name registered tasks and real
+    ``PretrainConfig`` fields: a typo would otherwise surface only 20 minutes into a benchmark."""
+    import dataclasses
+
+    from learner.pretrain import PretrainConfig
+    from sim.bench_learning import LEARNING_PRETRAIN, LEARNING_TASKS
+    from sim.tasks import get_task
+
+    assert len(LEARNING_TASKS) == len(set(LEARNING_TASKS)) >= 2
+    for task in LEARNING_TASKS:
+        assert get_task(task).name == task
+    assert set(LEARNING_PRETRAIN) <= {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert PretrainConfig(tasks=LEARNING_TASKS, **LEARNING_PRETRAIN).tasks == LEARNING_TASKS
