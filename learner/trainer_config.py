@@ -68,8 +68,8 @@ class TrainerConfig:
     # S > 0: train once this many new episodes are ready (or a publish is due). An update's
     # advantages are normalized per task, so a small batch (8 episodes: 2-3 a task) gives noisy
     # steps; 40 is about what a synchronous update sees (a 3x fleet's 10 s between versions).
-    # 15-minute S = 4 fleets, same seed: +27 points (3-minute blocks) with 40 against +17 with 8
-    # (README, learning section)
+    # 15-minute S = 4 fleets, same seed and clone: +27.5 and +24 points (first to last 3-minute
+    # block) with 40, +17 with 8 (README, "Tasks inside the band")
     update_episodes: int = 40
     # PPO ratio per executed row (the chunk's log-ratio over its rows, as GSPO does per token):
     # a chunk holds ~6 rows x 4 dims, so its raw ratio leaves any clip range after tiny steps

@@ -14,7 +14,7 @@ behaviour-cloned policy succeeds 20-60 % of the time, each of them. The default 
 (reach, push, door-open) do not qualify one by one (push starts near 0.1, door-open near 0.8);
 reach-v3, lever-pull-v3 and dial-turn-v3 cloned for 500 steps start at about 0.2, 0.45 and 0.3
 with the robots' sampled actions (``python -m sim.learning_lab``, 100 episodes a task; the
-README's learning section has the screening).
+README's learning section has the screening). In the fleet dial-turn starts lower, 0.12-0.15.
 
 ``.venv/bin/python -m sim.bench_learning --staleness 0 --minutes 2 --robots 4``
 """
