@@ -66,8 +66,9 @@ class TrainerConfig:
     # imitation set; every trainer rank reads this path ("": none)
     demos: str = ""
     # S > 0: train once this many new episodes are ready (or a publish is due). An update's
-    # advantages are normalized per task, so a small batch (8 episodes: 2-3 a task) gives noisy
-    # steps; 40 is about what a synchronous update sees (a 3x fleet's 10 s between versions).
+    # advantages are normalized per task, so a small batch (8 gave ~13 episodes an update in a 3x
+    # fleet, 4 or 5 a task) gives noisy steps; 40 is about what a synchronous update sees (a 3x
+    # fleet's 10 s between versions).
     # 15-minute S = 4 fleets, same seed and clone: +27.5 and +24 points (first to last 3-minute
     # block) with 40, +17 with 8 (README, "Tasks inside the band")
     update_episodes: int = 40

@@ -110,6 +110,33 @@ def test_background_loop_trains_on_complete_episodes_and_publishes(setup):
                                                  trainer.model.state_dict().values()))
 
 
+def test_an_asynchronous_update_waits_for_update_episodes_unless_a_publish_is_due(setup):
+    """S > 0: no update until ``update_episodes`` complete episodes are ready; a due publish
+    trains on what is ready instead of holding it."""
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(staleness=2, update_episodes=3,
+                                                     min_new_episodes=1, publish_interval_s=60.0,
+                                                     epochs=1, seed=3))
+    rewards = [0.5] * 3
+    for i in range(2):
+        store.append(pb.ExperienceBatch(robot_id=f"r{i}", records=policy_episode(
+            session, manifest, f"r{i}", f"e{i}", rewards, seed=i)))
+    now = trainer._last_publish + 1.0  # no publish due for another 59 s
+    trainer.step(now)
+    assert trainer.train_steps == 0 and len(trainer._ready) == 2
+    store.append(pb.ExperienceBatch(robot_id="r2", records=policy_episode(
+        session, manifest, "r2", "e2", rewards, seed=2)))
+    trainer.step(now)
+    assert trainer.train_steps > 0 and not trainer._ready and registry.latest() == 1
+    steps = trainer.train_steps
+    store.append(pb.ExperienceBatch(robot_id="r3", records=policy_episode(
+        session, manifest, "r3", "e3", rewards, seed=3)))
+    trainer.step(now)
+    assert trainer.train_steps == steps  # 1 of 3 ready, nothing due
+    trainer.step(now + 60.0)  # the publish is due: train on the one episode, then publish
+    assert trainer.train_steps > steps and registry.latest() == 2
+
+
 def test_trainer_is_deterministic_given_a_seed(setup):
     store, registry, manifest, session = setup
     good, bad = episodes(session, manifest)

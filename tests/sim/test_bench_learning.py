@@ -52,8 +52,6 @@ def test_block_success_splits_wall_time_into_blocks():
 def test_the_learning_tasks_and_their_clone_settings_are_valid():
     """The benchmark's tasks and pretraining overrides name registered tasks and real
     ``PretrainConfig`` fields: a typo would otherwise surface only 20 minutes into a benchmark."""
-    import dataclasses
-
     from learner.pretrain import PretrainConfig
     from sim.bench_learning import LEARNING_PRETRAIN, LEARNING_TASKS
     from sim.tasks import get_task
@@ -61,5 +59,5 @@ def test_the_learning_tasks_and_their_clone_settings_are_valid():
     assert len(LEARNING_TASKS) == len(set(LEARNING_TASKS)) >= 2
     for task in LEARNING_TASKS:
         assert get_task(task).name == task
-    assert set(LEARNING_PRETRAIN) <= {f.name for f in dataclasses.fields(PretrainConfig)}
+    # an unknown field raises TypeError here
     assert PretrainConfig(tasks=LEARNING_TASKS, **LEARNING_PRETRAIN).tasks == LEARNING_TASKS
