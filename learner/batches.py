@@ -62,21 +62,56 @@ class Batch:
     row_mask: torch.Tensor  # [B, H] 1 on executed rows
     behaviour_log_prob: torch.Tensor  # [B] float64 as recorded
     policy_version: torch.Tensor      # [B] int64
+    # cam -> [B, width]: the images through the encoders whose weights ``encoder_state`` holds
+    # (``encoded``); None: not encoded
+    features: dict | None = None
+    encoder_state: dict | None = None
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
 
     def inputs(self) -> tuple:
+        """The network's inputs, images as decoded."""
         return self.images, self.state, self.tokens, self.prefix, self.prefix_len
 
+    def inputs_for(self, model) -> tuple:
+        """``model``'s inputs: the encoded images where its encoders are the ones that encoded
+        them (bit for bit), else the images."""
+        if self.features is None or not _same_encoders(model, self.encoder_state):
+            return self.inputs()
+        return self.features, self.state, self.tokens, self.prefix, self.prefix_len
+
+    def encoded(self, model, size: int = 256) -> "Batch":
+        """This batch with its images encoded once by ``model``'s encoders, for many passes
+        through a network whose encoders are frozen (``inputs_for``). The images stay."""
+        feats: dict = {cam: [] for cam in self.images}
+        with torch.no_grad():
+            for s in range(0, len(self), size):
+                for cam, f in model.encode({k: v[s:s + size] for k, v in self.images.items()}).items():
+                    feats[cam].append(f)
+        state = {k: v.detach().clone() for k, v in model.encoders.state_dict().items()}
+        return dataclasses.replace(self, features={k: torch.cat(v) for k, v in feats.items()},
+                                   encoder_state=state)
+
     def select(self, idx: torch.Tensor) -> "Batch":
-        return Batch({k: v[idx] for k, v in self.images.items()},
-                     *(getattr(self, f.name)[idx] for f in dataclasses.fields(self)[1:]))
+        rows = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                if f.name not in ("images", "features", "encoder_state")}
+        return Batch({k: v[idx] for k, v in self.images.items()}, **rows,
+                     features=None if self.features is None else
+                     {k: v[idx] for k, v in self.features.items()},
+                     encoder_state=self.encoder_state)
 
     def parts(self, size: int):
         """Consecutive sub-batches of at most ``size`` records, in order (for no-grad passes)."""
         for s in range(0, len(self), size):
             yield self.select(torch.arange(s, min(s + size, len(self))))
+
+
+def _same_encoders(model, state: dict | None) -> bool:
+    if state is None:
+        return False
+    mine = model.encoders.state_dict()
+    return mine.keys() == state.keys() and all(torch.equal(mine[k], v) for k, v in state.items())
 
 
 def check_record(r: pb.ChunkRecord, spec: DecodeSpec) -> str | None:

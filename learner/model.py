@@ -108,9 +108,17 @@ class ReferenceVLA(nn.Module):
         self.log_std = nn.Parameter(torch.full((c.horizon, c.action_dim), c.init_log_std))
         self.value_head = nn.Sequential(nn.Linear(tw, 128), nn.ReLU(), nn.Linear(128, 1))
 
+    def encode(self, images: dict) -> dict:
+        """cam -> the encoder's features [B, width]. ``forward`` takes them in place of the
+        images (an ``images`` entry of 2 dims is taken as encoded): with the encoders frozen,
+        the learner encodes a batch once for all its passes (``learner.batches.Batch.encoded``),
+        as the convolutions are ~95 % of a forward pass at 48x48."""
+        return {name: self.encoders[name](images[name]) for name in self.config.cameras}
+
     def _trunk(self, images: dict, state, tokens, prefix, prefix_len):
         c = self.config
-        parts = [self.encoders[name](images[name]) for name in c.cameras]
+        parts = [images[name] if images[name].dim() == 2 else self.encoders[name](images[name])
+                 for name in c.cameras]
         mask = (tokens > 0).to(state.dtype).unsqueeze(-1)
         text = (self.embed(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         parts.append(torch.relu(self.text(text)))

@@ -31,7 +31,7 @@ def batch_log_probs(model: ReferenceVLA, batch: Batch, minibatch: int) -> torch.
     out = []
     with torch.no_grad():
         for part in batch.parts(minibatch):
-            mean, log_std, _ = model(*part.inputs())
+            mean, log_std, _ = model(*part.inputs_for(model))
             out.append(gaussian_log_prob(mean, log_std, part.actions, part.row_mask,
                                          model.config.row_correlation))
     return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)

@@ -251,6 +251,8 @@ class Trainer(UpdateStep):
             self._gate(self.version + 1 - self.config.staleness)
             self._update()
             trained = True
+            if self.config.publish_each_update and self._new_since_publish >= self.config.min_new_episodes:
+                self.publish(now)
         self.maybe_publish(now)
         return got > 0 or trained
 

@@ -53,7 +53,7 @@ class UpdateStep:
 
     def _values(self, batch) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([self.model.policy_and_value(*part.inputs())[2]
+            return torch.cat([self.model.policy_and_value(*part.inputs_for(self.model))[2]
                               for part in batch.parts(self.config.minibatch)]).double()
 
     def _anchor_means(self, batch) -> torch.Tensor | None:
@@ -61,7 +61,7 @@ class UpdateStep:
         if self.anchor is None:
             return None
         with torch.no_grad():
-            return torch.cat([self.anchor(*part.inputs())[0]
+            return torch.cat([self.anchor(*part.inputs_for(self.anchor))[0]
                               for part in batch.parts(self.config.minibatch)])
 
     def train_on(self, records: list[pb.ChunkRecord]) -> dict:
@@ -76,6 +76,8 @@ class UpdateStep:
             return self._log({"version": self.version, "records": 0, "dropped": _counts(dropped)})
         self.model.train()
         batch = decode(flat, self.spec)
+        if not any(p.requires_grad for p in self.model.encoders.parameters()):
+            batch = batch.encoded(self.model)  # frozen: encode once, not on each of ~8 passes
         logp_prox, exact = self.proximal.log_probs(batch, c.minibatch)
         values_raw = self._values(batch).numpy() * self._ret_std + self._ret_mean
         returns = self._returns(episodes, values_raw)
@@ -103,7 +105,7 @@ class UpdateStep:
             for s in range(0, len(batch), c.minibatch):
                 idx = perm[s:s + c.minibatch]
                 part = batch.select(idx)
-                mean, log_std, v = self.model.policy_and_value(*part.inputs(),
+                mean, log_std, v = self.model.policy_and_value(*part.inputs_for(self.model),
                                                                detach_value=c.detach_value)
                 logp = gaussian_log_prob(mean, log_std, part.actions, part.row_mask,
                                          self.model.config.row_correlation)

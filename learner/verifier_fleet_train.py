@@ -58,12 +58,12 @@ def scorer_data(model, spec, episodes: list[list], gamma: float, lookahead: int,
     flat = [r for ep in episodes for r in ep]
     if not flat:
         return None
-    batch = decode(flat, spec)
+    batch = decode(flat, spec).encoded(model)  # two passes below, one encoding
     feats, means, stds, values = [], [], [], []
     with torch.no_grad():
         for part in batch.parts(minibatch):
-            mean, log_std, f = model(*part.inputs())
-            _, _, v = model.policy_and_value(*part.inputs())
+            mean, log_std, f = model(*part.inputs_for(model))
+            _, _, v = model.policy_and_value(*part.inputs_for(model))
             feats.append(f)
             means.append(mean)
             stds.append(log_std.exp())

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from learner.batches import decode
-from learner.model import gaussian_log_prob
+from learner.batches import Batch, decode
+from learner.model import ReferenceVLA, gaussian_log_prob
 from learner.trainer import Trainer, TrainerConfig
 from runtime.artifact import load_manifest, verify_artifact
 from tests.learner.helpers import policy_episode
@@ -116,7 +116,7 @@ def test_an_asynchronous_update_waits_for_update_episodes_unless_a_publish_is_du
     store, registry, manifest, session = setup
     trainer = Trainer(store, registry, TrainerConfig(staleness=2, update_episodes=3,
                                                      min_new_episodes=1, publish_interval_s=60.0,
-                                                     epochs=1, seed=3))
+                                                     publish_each_update=False, epochs=1, seed=3))
     rewards = [0.5] * 3
     for i in range(2):
         store.append(pb.ExperienceBatch(robot_id=f"r{i}", records=policy_episode(
@@ -135,6 +135,24 @@ def test_an_asynchronous_update_waits_for_update_episodes_unless_a_publish_is_du
     assert trainer.train_steps == steps  # 1 of 3 ready, nothing due
     trainer.step(now + 60.0)  # the publish is due: train on the one episode, then publish
     assert trainer.train_steps > steps and registry.latest() == 2
+
+
+@pytest.mark.parametrize("each", [True, False])
+def test_an_asynchronous_update_is_published_at_once_with_publish_each_update(setup, each):
+    """S > 0 with ``publish_each_update``: the update's version goes out as soon as it is
+    trained, not when ``publish_interval_s`` comes round (without it, the version waits)."""
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(staleness=2, update_episodes=2,
+                                                     min_new_episodes=1, publish_interval_s=60.0,
+                                                     publish_each_update=each, epochs=1, seed=3))
+    for i in range(2):
+        store.append(pb.ExperienceBatch(robot_id=f"r{i}", records=policy_episode(
+            session, manifest, f"r{i}", f"e{i}", [0.5] * 3, seed=i)))
+    trainer.step(trainer._last_publish + 1.0)
+    assert trainer.train_steps > 0
+    assert registry.latest() == (2 if each else 1)
+    trainer.step(trainer._last_publish + 1.0)  # nothing new: no further version either way
+    assert registry.latest() == (2 if each else 1)
 
 
 def test_trainer_is_deterministic_given_a_seed(setup):
@@ -240,3 +258,43 @@ def test_frozen_modules_keep_their_cloned_weights_while_the_rest_trains(setup):
     trainer.train_on(good + bad)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in frozen)
+
+
+def test_an_encoded_batch_gives_the_images_outputs_and_only_to_its_own_encoders(setup):
+    """``Batch.encoded``: the network's outputs from the cached encoder features equal those
+    from the images; a model with other encoder weights is handed the images."""
+    store, registry, manifest, session = setup
+    trainer = Trainer(store, registry, TrainerConfig(seed=1))
+    good, bad = episodes(session, manifest)
+    batch = decode(good + bad, trainer.spec)
+    encoded = batch.encoded(trainer.model)
+    with torch.no_grad():
+        raw = trainer.model(*batch.inputs())
+        fast = trainer.model(*encoded.select(torch.arange(len(batch))).inputs_for(trainer.model))
+    for a, b in zip(raw, fast):
+        assert torch.allclose(a, b, atol=1e-6)
+    other = ReferenceVLA(trainer.model.config)
+    other.load_state_dict(trainer.model.state_dict())
+    assert encoded.inputs_for(other)[0] is encoded.features  # bit for bit the same encoders
+    with torch.no_grad():
+        other.encoders["front"].proj.bias.add_(0.1)
+    assert encoded.inputs_for(other)[0] is encoded.images
+
+
+def test_an_update_with_frozen_encoders_is_the_same_with_the_images_encoded_once(setup, monkeypatch):
+    """The trainer encodes a batch once when the encoders are frozen; the update must be the
+    one it makes from the images on every pass (same losses, same weights after)."""
+    store, registry, manifest, session = setup
+    good, bad = episodes(session, manifest)
+    runs = []
+    for encode in (True, False):
+        if not encode:
+            monkeypatch.setattr(Batch, "encoded", lambda self, model, size=256: self)
+        t = Trainer(store, registry, TrainerConfig(seed=5, epochs=2, minibatch=5))
+        assert t.config.frozen == ("encoders",)
+        m = t.train_on(good + bad)
+        runs.append((m, [p.detach().clone() for p in t.model.parameters()]))
+    (m1, w1), (m2, w2) = runs
+    for k in ("loss_pg", "loss_value", "kl_update", "clip_frac"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-7), k
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w2))

@@ -49,7 +49,8 @@ def test_a_new_trainer_resumes_the_old_ones_state_and_makes_the_same_next_update
                                    providers=["CPUExecutionProvider"])
     store = ExperienceStore(tmp_path / "exp")
     # no publish inside step(): this test publishes by hand, once
-    config = TrainerConfig(staleness=2, min_new_episodes=1, publish_interval_s=1e9, epochs=2, update_episodes=2,
+    config = TrainerConfig(staleness=2, min_new_episodes=1, publish_interval_s=1e9,
+                           publish_each_update=False, epochs=2, update_episodes=2,
                            minibatch=3, replay_sample=2, seed=7)
     old = Trainer(store, registry, config)
     a, b, c = (episode(session, manifest, n, success=n == "a") for n in "abc")
