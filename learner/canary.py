@@ -159,6 +159,7 @@ class RolloutController:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.stable = self._load_state()
+        self._pin()
 
     # -- state on disk -----------------------------------------------------------------------
     @property
@@ -232,9 +233,21 @@ class RolloutController:
             notify()
 
     # -- stages ------------------------------------------------------------------------------
+    def _pin(self) -> None:
+        """Keep the stable and canary versions in the registry however old they get (its
+        retention; a registry without one has no ``pin``). Call with the lock held."""
+        pin = getattr(self.registry, "pin", None)
+        if pin is not None:
+            pin("rollout", {self.stable, self.canary.version if self.canary else 0})
+
     def _refresh(self) -> bool:
         """Follow the registry: a newer version becomes the canary (or stable without canaries).
         Returns whether a canary started. Call with the lock held."""
+        started = self._follow()
+        self._pin()
+        return started
+
+    def _follow(self) -> bool:
         latest = self.registry.latest()
         if self.config.fraction == 0:
             self.stable = max(self.stable, self._newest_allowed(latest))

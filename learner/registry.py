@@ -16,6 +16,12 @@ Given a ``signing_key`` (learner/signing.py), every version is signed before it 
 (the manifest carries the ed25519 signature; robots refuse anything else), and versions found
 unsigned or signed by another key when the registry opens (a registry from before signing, a
 rotated key) are re-signed in place, so robots configured with the current key accept them.
+
+Retention: with ``keep_versions`` N > 0, each publish removes the versions (artifact and
+checkpoint) older than the newest N, except version 1 (the pretrained policy, the last resort
+to go back to) and the versions pinned by their users (``pin``: the rollout's stable and
+canary versions). A removed directory is first renamed to a temporary name, so a crash leaves
+it either whole or gone. N = 0 keeps every version.
 """
 from __future__ import annotations
 
@@ -45,8 +51,13 @@ def version_name(v: int) -> str:
 
 
 class Registry:
-    def __init__(self, root: str | pathlib.Path, signing_key=None):
+    def __init__(self, root: str | pathlib.Path, signing_key=None, keep_versions: int = 0):
+        if keep_versions < 0:
+            raise ValueError(f"keep_versions must be >= 0 (0 keeps every version), got {keep_versions}")
         self.root = pathlib.Path(root)
+        self.keep_versions = int(keep_versions)
+        self._pins: dict[str, frozenset[int]] = {}
+        self.pruned = 0  # versions removed by retention in this process
         self.signing_key = signing_key  # learner.signing.SigningKey; None: versions stay unsigned
         # monotonic time each version became visible in this process (rollout latency benches)
         self.committed_at: dict[int, float] = {}
@@ -136,6 +147,11 @@ class Registry:
     def checkpoint_path(self, v: int) -> pathlib.Path:
         return self.checkpoints_dir / f"{version_name(v)}.pt"
 
+    def versions(self) -> list[int]:
+        """The versions on disk, oldest first (retention removes old ones)."""
+        found = (_VERSION_DIR.match(e.name) for e in self.versions_dir.iterdir())
+        return sorted(v for v in (int(m.group(1)) for m in found if m) if v <= self.latest())
+
     def load_checkpoint(self, v: int | None = None) -> dict | None:
         """{"model": state_dict, "optimizer": state or None} of version v, or None if absent."""
         path = self.checkpoint_path(self.latest() if v is None else v)
@@ -197,6 +213,50 @@ class Registry:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    # -- retention -------------------------------------------------------------------------
+    def pin(self, owner: str, versions) -> None:
+        """Keep ``versions`` whatever their age, on behalf of ``owner``, replacing what
+        ``owner`` pinned before (the rollout pins its stable and canary versions)."""
+        with self._cond:
+            self._pins[owner] = frozenset(int(v) for v in versions if v)
+
+    def kept(self) -> set[int]:
+        """The versions retention keeps now (every version when ``keep_versions`` is 0)."""
+        latest = self.latest()
+        if self.keep_versions == 0:
+            return set(range(1, latest + 1))
+        with self._cond:
+            pinned = set().union(*self._pins.values())
+        return {1, *range(max(1, latest - self.keep_versions + 1), latest + 1), *pinned}
+
+    def prune(self) -> list[int]:
+        """Remove the versions retention no longer keeps (their artifacts and checkpoints) and
+        return them; publish calls it. A no-op with ``keep_versions`` 0."""
+        if self.keep_versions == 0:
+            return []
+        with self._publish_lock:
+            keep = self.kept()
+            gone = [v for v in self.versions() if v not in keep]
+            for v in gone:
+                # out of sight at once (a fetch asks for it: NOT_FOUND), then deleted; a
+                # crash in between leaves a .tmp- directory that opening the registry removes
+                tmp = self.versions_dir / f".tmp-pruned-{version_name(v)}"
+                os.rename(self.versions_dir / version_name(v), tmp)
+                fsync_dir(self.versions_dir)
+                self.checkpoint_path(v).unlink(missing_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+            # checkpoints whose version is gone (a crash between the rename and the unlink)
+            for ckpt in self.checkpoints_dir.glob("v*.pt"):
+                m = _VERSION_DIR.match(ckpt.stem)
+                if m and int(m.group(1)) not in keep:
+                    ckpt.unlink(missing_ok=True)
+            fsync_dir(self.checkpoints_dir)
+        if gone:
+            self.pruned += len(gone)
+            log.info("registry: removed %d old version(s) (v%d-v%d); keeping the newest %d, "
+                     "v1 and the pinned", len(gone), gone[0], gone[-1], self.keep_versions)
+        return gone
 
     # -- writing ---------------------------------------------------------------------------
     def _save_checkpoint(self, v: int, model_state: dict | None, optimizer_state: dict | None,
@@ -290,4 +350,5 @@ class Registry:
             self._save_checkpoint(v, state, optimizer_state, trainer_state)
             self._commit(tmp, v)
             self.published += 1
-            return manifest
+        self.prune()
+        return manifest

@@ -36,6 +36,10 @@ from runtime.artifact import write_atomic
 
 log = logging.getLogger("tether.learner")
 STATUS_EVERY_S = 2.0
+# versions the registry keeps by default: ~5.6 MB each for the reference policy (artifact,
+# checkpoint with Adam's state), so ~360 MB, where every version of a 15-minute fleet at S = 4
+# that publishes every update was 617 MB and growing
+KEEP_VERSIONS = 64
 
 
 def parse_args(argv):
@@ -57,6 +61,9 @@ def parse_args(argv):
     p.add_argument("--staleness", type=int, default=TrainerConfig.staleness,
                    help="versions of staleness allowed: 0 = synchronous on-policy (robots wait "
                         "for each new version), larger = more asynchronous")
+    p.add_argument("--keep-versions", type=int, default=KEEP_VERSIONS,
+                   help="newest versions whose artifacts and checkpoints the registry keeps "
+                        "(also version 1 and the rollout's stable and canary); 0 keeps all")
     p.add_argument("--signing-key", help="ed25519 private key (PEM) that signs every version "
                    "(default: DATA/signing_key.pem, created on first start with its .pub)")
     p.add_argument("--canary-fraction", type=float, default=CanaryConfig.fraction,
@@ -132,6 +139,7 @@ def status(addr: str, store: ExperienceStore, registry: Registry, trainer,
             "addr": addr, "latest_version": registry.latest(), "records": store.count(),
             "duplicates_dropped": store.duplicates_dropped,
             "versions_published": trainer.versions_published if trainer else registry.published,
+            "versions_on_disk": len(registry.versions()), "versions_removed": registry.pruned,
             "train_steps": trainer.train_steps if trainer else 0,
             "trainer_error": repr(trainer.error) if trainer and trainer.error else None,
             "last_update": trainer.last_metrics if trainer else {},
@@ -156,6 +164,10 @@ def main(argv=None) -> int:
         tls = tls_from_args(args)  # mutual TLS unless --insecure (learner/auth.py)
     except ValueError as e:
         print(f"tether learner: {e}", file=sys.stderr)
+        return 2
+    if args.keep_versions < 0:
+        print(f"tether learner: --keep-versions must be >= 0 (0 keeps every version), got "
+              f"{args.keep_versions}", file=sys.stderr)
         return 2
     if args.ingest_workers < 0:
         print(f"tether learner: --ingest-workers must be >= 0, got {args.ingest_workers}",
@@ -184,7 +196,7 @@ def main(argv=None) -> int:
         return 2
     log.info("signing versions with key %s from %s%s", key.key_id, key_path,
              f" (new; robots need its public key {key_path.with_suffix('.pub')})" if created else "")
-    registry = Registry(data / "registry", signing_key=key)
+    registry = Registry(data / "registry", signing_key=key, keep_versions=args.keep_versions)
     if registry.latest() == 0:
         if not args.init_artifact:
             print("tether learner: the registry is empty; pass --init-artifact DIR "

@@ -161,15 +161,18 @@ class LearnerService(pb_grpc.LearnerServicer):
             directory = self.registry.artifact_dir(request.version)
             files = load_manifest(directory).files
             names = set(files) | {MANIFEST}
-        except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} is not published; "
-                          f"latest is {self.registry.latest()}")
+        except (KeyError, FileNotFoundError):  # never published, or removed by retention
+            context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} is not in the "
+                          f"registry; latest is {self.registry.latest()}")
         # only names the manifest lists: no path can leave the version directory
         if request.name not in names:
             context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} has no file "
                           f"{request.name!r}; files: {sorted(names)}")
         path = directory / request.name
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # removed by retention since the manifest was read
+            context.abort(grpc.StatusCode.NOT_FOUND, f"version {request.version} was removed")
         if not 0 <= request.offset <= size:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside "
                           f"{request.name} of {size} bytes")

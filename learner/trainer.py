@@ -70,6 +70,12 @@ class Trainer(UpdateStep):
         if self.version == 0:
             raise RuntimeError("the registry is empty; import the pretrained artifact first "
                                "(Registry.import_initial / --init-artifact)")
+        keep = getattr(registry, "keep_versions", 0)
+        if 0 < keep <= config.staleness:
+            log.warning("the registry keeps the newest %d versions and staleness %d trains on "
+                        "data up to %d versions old: data older than the kept checkpoints gets "
+                        "the EWMA proximal policy, not its version's (--keep-versions %d keeps "
+                        "them all)", keep, config.staleness, config.staleness, config.staleness + 1)
         ckpt = registry.load_checkpoint(self.version)
         if ckpt is None:
             raise RuntimeError(f"version {self.version} has no torch checkpoint, so there are no "

@@ -13,6 +13,7 @@ from learner.model import ReferenceVLA
 from learner.registry import Registry
 from learner.service import serve
 from learner.store import ExperienceStore
+from runtime.artifact import verify_artifact
 from runtime.signature import Trust
 from runtime.weights import WeightSubscriber
 from tests.doubles import public_key_for_tests, signing_key_for_tests
@@ -264,3 +265,26 @@ def test_an_operators_chunks_and_the_episodes_they_finish_are_not_the_versions(t
     s = c._stats[2]
     # the operator's success is not the version's; its own failing episode still counts
     assert (s.episodes, s.successes, s.chunks) == (1, 0, 2)
+
+
+def test_the_rollout_pins_its_stable_and_canary_versions_against_retention(tmp_path):
+    artifact, ckpt, model = make_artifact(tmp_path)
+    reg = Registry(tmp_path / "reg", keep_versions=2)
+    reg.import_initial(artifact, ckpt)
+    model = ReferenceVLA(config_from_manifest(reg.manifest(1)))
+    model.load_state_dict(reg.load_checkpoint(1)["model"])
+    c = RolloutController(reg, None, CanaryConfig(fraction=0.5, episodes=1))
+    for r in ("a", "b"):
+        c.join(r)
+    reg.publish(model)
+    assert {c.assignment(r).version for r in "ab"} == {1, 2}  # v2 the canary, v1 stable
+    for _ in range(4):  # the trainer goes on publishing while the canary is out
+        reg.publish(model)
+    assert reg.versions() == [1, 2, 5, 6]
+    assert {c.assignment(r).version for r in "ab"} == {1, 2}
+    assert verify_artifact(reg.artifact_dir(2)).version == 2
+    c.observe(_records("x", 2, [True]))
+    assert c.evaluate() == "promoted" and c.stable == 2
+    assert c.canary.version == 6  # the next canary: the newest version
+    reg.publish(model)
+    assert reg.versions() == [1, 2, 6, 7]  # v2 stable and v6 canary kept, v5 went

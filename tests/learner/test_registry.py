@@ -65,3 +65,53 @@ def test_empty_registry_publish_needs_metadata(tmp_path):
     reg = Registry(tmp_path / "reg")
     with pytest.raises(ValueError, match="import_initial"):
         reg.publish(ReferenceVLA(VLAConfig()))
+
+
+def test_retention_keeps_the_newest_versions_version_1_and_the_pinned(tmp_path, pretrained):
+    artifact, ckpt, model = pretrained
+    reg = Registry(tmp_path / "reg", keep_versions=3)
+    reg.import_initial(artifact, ckpt)
+    reg.pin("rollout", {2})
+    for _ in range(6):
+        reg.publish(model)
+    assert reg.latest() == 7 and reg.versions() == [1, 2, 5, 6, 7] and reg.pruned == 2
+    assert sorted(p.name for p in reg.checkpoints_dir.iterdir()) == [
+        f"v{v:06d}.pt" for v in (1, 2, 5, 6, 7)]
+    with pytest.raises(KeyError):
+        reg.artifact_dir(3)
+    assert reg.load_checkpoint(4) is None
+    assert verify_artifact(reg.artifact_dir(2)).version == 2  # pinned: whole and fetchable
+    reg.pin("rollout", {6})  # the pin moved on: version 2 goes with the next publish
+    reg.publish(model)
+    assert reg.versions() == [1, 6, 7, 8]
+    again = Registry(tmp_path / "reg", keep_versions=3)  # reopened: nothing lost or renumbered
+    assert again.latest() == 8 and again.versions() == [1, 6, 7, 8]
+    assert again.publish(model).version == 9 and again.versions() == [1, 7, 8, 9]
+
+
+def test_retention_finishes_a_removal_a_crash_cut_short(tmp_path, pretrained):
+    artifact, ckpt, model = pretrained
+    reg = Registry(tmp_path / "reg", keep_versions=2)
+    reg.import_initial(artifact, ckpt)
+    for _ in range(3):
+        reg.publish(model)
+    assert reg.versions() == [1, 3, 4]
+    # killed between renaming version 3 away and deleting it and its checkpoint
+    (reg.versions_dir / "v000003").rename(reg.versions_dir / ".tmp-pruned-v000003")
+    again = Registry(tmp_path / "reg", keep_versions=2)
+    assert again.latest() == 4 and again.versions() == [1, 4]
+    assert not (reg.versions_dir / ".tmp-pruned-v000003").exists()
+    assert again.checkpoint_path(3).exists()  # an orphan until the next publish prunes
+    again.publish(model)
+    assert again.versions() == [1, 4, 5] and not again.checkpoint_path(3).exists()
+
+
+def test_without_retention_every_version_stays(tmp_path, pretrained):
+    artifact, ckpt, model = pretrained
+    reg = Registry(tmp_path / "reg")
+    reg.import_initial(artifact, ckpt)
+    for _ in range(4):
+        reg.publish(model)
+    assert reg.versions() == [1, 2, 3, 4, 5] and reg.prune() == [] and reg.pruned == 0
+    with pytest.raises(ValueError, match="keep_versions"):
+        Registry(tmp_path / "other", keep_versions=-1)

@@ -24,3 +24,10 @@ def test_plain_fields_are_replaced_and_checked():
 def test_bad_overrides_name_what_is_wrong(text, match):
     with pytest.raises(ValueError, match=match):
         trainer_overrides(TrainerConfig(), text)
+
+
+def test_a_negative_keep_versions_is_refused_before_anything_opens(tmp_path, capsys):
+    from learner.server import main
+    assert main(["--data", str(tmp_path / "data"), "--keep-versions", "-1", "--insecure"]) == 2
+    assert "--keep-versions must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "experience").exists()

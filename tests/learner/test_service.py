@@ -155,3 +155,16 @@ def test_storage_failure_is_unavailable_and_not_acked(learner):
     with pytest.raises(grpc.RpcError) as e:
         stub.PushExperience(pb.ExperienceBatch(robot_id="r1", records=[simple_record()]), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_version_removed_by_retention_is_not_found_and_the_kept_ones_fetch(learner):
+    stub, _, registry, model, _ = learner
+    registry.keep_versions = 2
+    for _ in range(3):
+        registry.publish(model)
+    assert registry.versions() == [1, 3, 4]
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.FetchArtifact(pb.FetchRequest(version=2, name=MANIFEST), timeout=10))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "not in the registry" in e.value.details()
+    for v in (1, 3, 4):
+        assert _fetch(stub, v, MANIFEST)[0].data == (registry.artifact_dir(v) / MANIFEST).read_bytes()

@@ -298,3 +298,14 @@ def test_an_update_with_frozen_encoders_is_the_same_with_the_images_encoded_once
     for k in ("loss_pg", "loss_value", "kl_update", "clip_frac"):
         assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-7), k
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w2))
+
+
+def test_a_registry_keeping_fewer_versions_than_the_staleness_window_is_named(setup, caplog):
+    store, registry, *_ = setup
+    registry.keep_versions = 4
+    with caplog.at_level("WARNING", logger="tether.learner"):
+        Trainer(store, registry, TrainerConfig(staleness=3))
+    assert not [r for r in caplog.records if "keep-versions" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="tether.learner"):
+        Trainer(store, registry, TrainerConfig(staleness=4))
+    assert [r for r in caplog.records if "--keep-versions 5 keeps them all" in r.getMessage()]
