@@ -12,6 +12,10 @@
 ``--only ingest,rollout`` runs a subset; ``--minutes`` shortens the learning runs (15 by default);
 ``--sim-speed`` sets how fast the learning fleets' simulated clocks run (3x by default).
 The learning curves are also drawn to ``FILE.png`` next to the JSON.
+
+``--combine A.json B.json ...`` runs nothing: it reads earlier results and writes their learning
+part as one measurement (``sim.bench_learning.combine``: the mean curves, ``async_speedup`` on
+them, per run and over every pairing), with the plot.
 """
 from __future__ import annotations
 
@@ -31,19 +35,25 @@ DEFAULT_STALENESS = 4  # TrainerConfig's default asynchronous setting, measured 
 DEFAULT_SIM_SPEED = 3.0
 
 
-def plot(runs: list[dict], path: pathlib.Path) -> None:
+def plot(runs: list[dict], path: pathlib.Path, faint: list[list[dict]] = ()) -> None:
+    """``runs``' curves, and each of ``faint`` (the single runs behind a mean) thin beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run in runs:
+    for i, run in enumerate(runs):
+        for single in faint:
+            c = single[i]["curve"]
+            ax.plot([p[0] / 60 for p in c], [p[1] for p in c], color=f"C{i}", lw=0.6, alpha=0.35)
         xs = [p[0] / 60 for p in run["curve"]]
         ys = [p[1] for p in run["curve"]]
         label = "synchronous (staleness 0)" if run["staleness"] == 0 else \
             f"asynchronous (staleness {run['staleness']})"
-        ax.plot(xs, ys, label=label)
+        if faint:
+            label += f", mean of {len(faint)}"
+        ax.plot(xs, ys, color=f"C{i}", label=label)
     ax.set_xlabel("wall-clock minutes")
     ax.set_ylabel("success rate (moving window)")
     ax.set_ylim(0, 1)
@@ -73,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="learning: the simulated robots' clocks run this many times as fast as "
                         "the wall (curves stay in wall-clock seconds; default "
                         f"{DEFAULT_SIM_SPEED:g}; 1: real time)")
+    p.add_argument("--combine", nargs="+", metavar="RESULT.json",
+                   help="run nothing: combine these results' learning runs into --out")
     a = p.parse_args(argv)
+    if a.combine:
+        return combine_files(a.combine, pathlib.Path(a.out))
     parts = [x.strip() for x in a.only.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -122,6 +136,24 @@ def main(argv: list[str] | None = None) -> int:
         plot(runs, out.with_suffix(".png"))
     save()
     print(json.dumps({k: v for k, v in result.items() if k != "learning"}, indent=2))
+    return 0
+
+
+def combine_files(paths: list[str], out: pathlib.Path) -> int:
+    from sim.bench_learning import combine
+
+    try:
+        results = [json.loads(pathlib.Path(f).read_text()) for f in paths]
+        combined = combine(results)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"tether bench learner --combine: {e}", file=sys.stderr)
+        return 2
+    combined["files"] = list(paths)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (json.dumps(combined, indent=2) + "\n").encode())
+    singles = [sorted((r for r in res["learning"]), key=lambda r: r["staleness"]) for res in results]
+    plot(combined["mean"], out.with_suffix(".png"), faint=singles)
+    print(json.dumps({k: v for k, v in combined.items() if k != "mean"}, indent=2))
     return 0
 
 

@@ -26,6 +26,8 @@ import pathlib
 import sys
 import tempfile
 
+import numpy as np
+
 LEARNING_TASKS: tuple[str, ...] = ("reach-v3", "lever-pull-v3", "dial-turn-v3")
 LEARNING_PRETRAIN: dict = {"steps": 500}
 WINDOW_EPISODES = 48
@@ -84,6 +86,51 @@ def async_speedup(sync: dict, asynchronous: dict) -> float | None:
     if t_sync is None or t_async is None or t_async <= 0:
         return None
     return round(t_sync / t_async, 3)
+
+
+def mean_curve(curves: list[list], every_s: float = 5.0) -> list[list[float]]:
+    """The pointwise mean of several runs' curves, interpolated on a common grid every
+    ``every_s`` seconds over the span they all cover."""
+    start = max(c[0][0] for c in curves)
+    end = min(c[-1][0] for c in curves)
+    if end < start:
+        raise ValueError("the curves do not overlap in time")
+    grid = np.arange(start, end + 1e-9, every_s)
+    if grid[-1] < end:
+        grid = np.append(grid, end)
+    ys = np.mean([np.interp(grid, [p[0] for p in c], [p[1] for p in c]) for c in curves], axis=0)
+    return [[round(float(t), 1), round(float(y), 4)] for t, y in zip(grid, ys)]
+
+
+def combine(results: list[dict]) -> dict:
+    """Several side-by-side results (``tether bench learner`` JSONs) as one measurement: the
+    mean curve of each staleness and ``async_speedup`` on those means, next to each run's own
+    and every pairing of a synchronous with an asynchronous run (a single run's ratio swings
+    with where its curves start and end)."""
+    pairs = []
+    for i, result in enumerate(results):
+        runs = result.get("learning") or []
+        sync = [r for r in runs if r["staleness"] == 0]
+        other = [r for r in runs if r["staleness"] > 0]
+        if len(sync) != 1 or len(other) != 1:
+            raise ValueError(f"result {i}: needs one synchronous and one asynchronous learning "
+                             f"run, has staleness {[r['staleness'] for r in runs]}")
+        pairs.append((sync[0], other[0]))
+    if len({a["staleness"] for _, a in pairs}) != 1:
+        raise ValueError("the asynchronous runs differ in staleness: "
+                         f"{sorted({a['staleness'] for _, a in pairs})}")
+    means = []
+    for k in (0, 1):
+        curve = mean_curve([pair[k]["curve"] for pair in pairs])
+        means.append({"staleness": pairs[0][k]["staleness"], "curve": curve,
+                      "start_success": curve[0][1], "final_success": curve[-1][1],
+                      "runs_final_success": [pair[k]["final_success"] for pair in pairs]})
+    crossed = [async_speedup(s, a) for s, _ in pairs for _, a in pairs]
+    # an asynchronous run that never reaches the level counts as the slowest (0) in the median
+    median = float(np.median([0.0 if x is None else x for x in crossed]))
+    return {"runs": len(pairs), "mean": means, "async_speedup": async_speedup(*means),
+            "async_speedup_per_run": [async_speedup(s, a) for s, a in pairs],
+            "async_speedup_pairs": crossed, "async_speedup_pairs_median": round(median, 3)}
 
 
 def run_learning(staleness: int, minutes: float = 15.0, robots: int = 8, tasks=None,

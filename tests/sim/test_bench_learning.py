@@ -1,7 +1,11 @@
 """The learning benchmark's curve arithmetic (sim/bench_learning.py): moving windows over
 cumulative samples, time to a level, the asynchronous speedup, the default window, blocks."""
-from sim.bench_learning import (WINDOW_EPISODES, async_speedup, block_success, default_window,
-                                moving_success, time_to)
+import json
+
+import pytest
+
+from sim.bench_learning import (WINDOW_EPISODES, async_speedup, block_success, combine,
+                                default_window, mean_curve, moving_success, time_to)
 
 
 def _samples(rates_per_10s: list[float], episodes_per_10s: int = 20) -> list:
@@ -61,3 +65,41 @@ def test_the_learning_tasks_and_their_clone_settings_are_valid():
         assert get_task(task).name == task
     # an unknown field raises TypeError here
     assert PretrainConfig(tasks=LEARNING_TASKS, **LEARNING_PRETRAIN).tasks == LEARNING_TASKS
+
+
+def test_mean_curve_averages_on_the_span_all_curves_cover():
+    a = [[30.0, 0.2], [130.0, 0.4], [230.0, 0.6]]
+    b = [[10.0, 0.0], [110.0, 0.2], [210.0, 0.4]]  # starts earlier, ends earlier
+    got = mean_curve([a, b], every_s=50.0)
+    assert [t for t, _ in got] == [30.0, 80.0, 130.0, 180.0, 210.0]
+    assert got[0] == [30.0, round((0.2 + 0.04) / 2, 4)]  # b interpolated at 30 s
+    assert got[-1] == [210.0, round((0.56 + 0.4) / 2, 4)]
+    with pytest.raises(ValueError, match="overlap"):
+        mean_curve([[[0.0, 0.1], [10.0, 0.1]], [[20.0, 0.1], [30.0, 0.1]]])
+
+
+def _result(sync_curve, async_curve, staleness=4):
+    return {"learning": [{"staleness": 0, "curve": sync_curve, "final_success": sync_curve[-1][1]},
+                         {"staleness": staleness, "curve": async_curve,
+                          "final_success": async_curve[-1][1]}]}
+
+
+def test_combine_measures_the_speedup_on_the_mean_curves_and_every_pairing():
+    # run 1: async reaches the sync final (0.5 at 400 s) at 200 s; run 2: never reaches 0.7
+    r1 = _result([[0.0, 0.1], [400.0, 0.5], [800.0, 0.5]], [[0.0, 0.1], [200.0, 0.5], [800.0, 0.6]])
+    r2 = _result([[0.0, 0.3], [400.0, 0.5], [800.0, 0.7]], [[0.0, 0.2], [400.0, 0.4], [800.0, 0.6]])
+    got = combine([r1, r2])
+    assert got["runs"] == 2 and got["async_speedup_per_run"] == [2.0, None]
+    assert got["async_speedup_pairs"] == [2.0, 0.5, None, None]  # (s1,a1) (s1,a2) (s2,a1) (s2,a2)
+    assert got["async_speedup_pairs_median"] == 0.25  # never reaching counts as 0
+    sync, asyn = got["mean"]
+    assert (sync["staleness"], asyn["staleness"]) == (0, 4)
+    assert sync["final_success"] == 0.6 and asyn["final_success"] == 0.6
+    assert sync["runs_final_success"] == [0.5, 0.7]
+    # the mean sync curve first reaches 0.6 at 800 s, the mean async one at 800 s too
+    assert got["async_speedup"] == async_speedup(sync, asyn) == 1.0
+    json.dumps(got)  # plain JSON
+    with pytest.raises(ValueError, match="one synchronous and one asynchronous"):
+        combine([{"learning": r1["learning"][:1]}])
+    with pytest.raises(ValueError, match="differ in staleness"):
+        combine([r1, _result(r2["learning"][0]["curve"], r2["learning"][1]["curve"], staleness=8)])
