@@ -43,6 +43,7 @@ class FleetConfig:
     min_episodes: int = 2
     staleness: int | None = None  # the learner's staleness S (None: its default; 0: synchronous)
     verifier_every: int | None = None  # the learner's --verifier-every (None: its default)
+    keep_versions: int | None = None   # the learner's --keep-versions (None: its default)
     train: bool = True            # False: the learner only ingests and serves version 1
     canary_fraction: float | None = None  # the learner's canary rollout (None: its default)
     canary_episodes: int | None = None
@@ -142,6 +143,8 @@ class Fleet:
             args += ["--staleness", str(c.staleness)]
         if c.verifier_every is not None:
             args += ["--verifier-every", str(c.verifier_every)]
+        if c.keep_versions is not None:
+            args += ["--keep-versions", str(c.keep_versions)]
         if c.trainer:
             args += ["--trainer", json.dumps(c.trainer)]
         if c.canary_fraction is not None:
@@ -400,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verifier-every", type=int, default=None,
                    help="the learner ships a retrained verifier scorer with every N-th version "
                         "(default: the learner's, off)")
+    p.add_argument("--keep-versions", type=int, default=None,
+                   help="versions the learner's registry keeps (default: the learner's)")
     p.add_argument("--min-episodes", type=int, default=FleetConfig.min_episodes,
                    help="new complete episodes per published version (at least)")
     p.add_argument("--no-train", action="store_true",
@@ -432,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                          staleness=a.staleness, min_episodes=a.min_episodes, train=not a.no_train,
                          canary_fraction=a.canary_fraction, canary_episodes=a.canary_episodes,
                          insecure=a.insecure, verifier_every=a.verifier_every,
+                         keep_versions=a.keep_versions,
                          rt_priority=a.rt_priority, supervision=a.supervision,
                          sim_speed=a.sim_speed)
     summary = run_fleet(config)
