@@ -247,11 +247,12 @@ class Registry:
                 self.checkpoint_path(v).unlink(missing_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
             # checkpoints whose version is gone (a crash between the rename and the unlink)
-            for ckpt in self.checkpoints_dir.glob("v*.pt"):
-                m = _VERSION_DIR.match(ckpt.stem)
-                if m and int(m.group(1)) not in keep:
-                    ckpt.unlink(missing_ok=True)
-            fsync_dir(self.checkpoints_dir)
+            orphans = [c for c in self.checkpoints_dir.glob("v*.pt")
+                       if (m := _VERSION_DIR.match(c.stem)) and int(m.group(1)) not in keep]
+            for ckpt in orphans:
+                ckpt.unlink(missing_ok=True)
+            if gone or orphans:
+                fsync_dir(self.checkpoints_dir)
         if gone:
             self.pruned += len(gone)
             log.info("registry: removed %d old version(s) (v%d-v%d); keeping the newest %d, "

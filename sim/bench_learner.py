@@ -151,7 +151,7 @@ def combine_files(paths: list[str], out: pathlib.Path) -> int:
     combined["files"] = list(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, (json.dumps(combined, indent=2) + "\n").encode())
-    singles = [sorted((r for r in res["learning"]), key=lambda r: r["staleness"]) for res in results]
+    singles = [sorted(res["learning"], key=lambda r: r["staleness"]) for res in results]
     plot(combined["mean"], out.with_suffix(".png"), faint=singles)
     print(json.dumps({k: v for k, v in combined.items() if k != "mean"}, indent=2))
     return 0
